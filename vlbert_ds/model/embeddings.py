@@ -44,7 +44,7 @@ class VLBertEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, hidden, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, hidden)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)  # noqa: N815 (HF name)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         # VL-BERT's own vectors (official names in comments).
         self.end_embedding = nn.Parameter(torch.empty(hidden))  # end_embedding

@@ -59,7 +59,7 @@ class DenseResidualNorm(nn.Module):
     def __init__(self, in_dim: int, config: VLBertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(in_dim, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # noqa: N815 (HF name)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:

@@ -88,7 +88,8 @@ def _validate_values(batch: VLBatch, config: VLBertConfig, region_slots: int) ->
         _fail("text_mask", f"row {int(empty[0])} has empty text (at least 1 token is needed)")
     ids = batch.input_ids[text_mask]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
-        _fail("input_ids", f"ids must lie in [0, vocab_size={config.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+        _fail("input_ids", f"ids must lie in [0, vocab_size={config.vocab_size}), "
+                           f"got [{int(ids.min())}, {int(ids.max())}]")
     types = batch.token_type_ids[text_mask]
     if types.numel() and (int(types.min()) < 0 or int(types.max()) > 1):
         _fail("token_type_ids", "text segments must be 0 (A) or 1 (B); C = 2 is reserved for RoIs and [END]")
