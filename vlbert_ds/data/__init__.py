@@ -1,0 +1,17 @@
+"""The data plane: shard format, fsspec storage, masking, and the streaming loader that yields `VLBatch`es."""
+
+from vlbert_ds.data.examples import ExampleConfig, TokenizerTools, collate
+from vlbert_ds.data.masking import MaskingConfig
+from vlbert_ds.data.pipeline import LoaderBatch, LoaderConfig, PretrainStream, SourceSpec, build_loader
+
+__all__ = [
+    "ExampleConfig",
+    "LoaderBatch",
+    "LoaderConfig",
+    "MaskingConfig",
+    "PretrainStream",
+    "SourceSpec",
+    "TokenizerTools",
+    "build_loader",
+    "collate",
+]

