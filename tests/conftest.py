@@ -55,3 +55,14 @@ def make_vl_batch(config: VLBertConfig, *, rows_vl: int = 2, rows_text: int = 1,
     else:
         batch.images = torch.randn(rows_vl, 3, height, width, generator=gen)
     return batch
+
+
+@pytest.fixture(scope="session")
+def default_data(tmp_path_factory, minilm_folder) -> Path:
+    """A small embedded-default dataset: 160 train scenes in 8 shards of 20, 40 val, 120 text segments."""
+    from vlbert_ds.prep.default import prepare_default
+
+    out = tmp_path_factory.mktemp("default-data")
+    prepare_default(str(out), str(minilm_folder), num_images=160, num_val_images=40, num_text_segments=120,
+                    samples_per_shard=20, processes=1)
+    return out

@@ -76,6 +76,7 @@ class VLExample:
     region_targets: np.ndarray  # [S, C] float32, rows of the selected RoIs in order
     features: np.ndarray | None = None  # [R, D] float32 (precomputed)
     image: np.ndarray | None = None  # [3, H, W] float32 normalised (end-to-end)
+    shard: str = ""  # where the sample was read from (for accounting)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class TextExample:
     key: str
     input_ids: np.ndarray
     mlm_labels: np.ndarray
+    shard: str = ""
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,7 @@ class ShardPiece:
 class LoaderBatch:
     batch: VLBatch
     keys: list[str]  # vision-language sample keys (empty for padding batches)
+    shards: list[str]  # the shard URL of each key
     padding: bool  # True: targets removed, do not count its samples as seen
     skipped: dict[str, int]  # samples and shards skipped since the previous batch of this worker, by reason
     worker: int
@@ -156,25 +157,29 @@ def resampled_batch_counts(samples_per_epoch: int, world_size: int, num_workers:
     return [per_rank // num_workers + (1 if w < per_rank % num_workers else 0) for w in range(num_workers)]
 
 
-def worker_skip_counts(worker_batches: list[int], consumed: int) -> list[int]:
-    """How many batches each worker had delivered after `consumed` batches of a DataLoader.
+def round_robin_position(worker_batches: list[int], consumed: int) -> tuple[list[int], int]:
+    """After `consumed` batches: how many each worker delivered, and which worker delivers the next one.
 
-    The DataLoader returns worker batches round-robin in worker order, skipping exhausted workers.
+    A DataLoader returns worker batches round-robin in worker order, skipping exhausted workers.
     """
+    total = sum(worker_batches)
+    if not 0 <= consumed <= total:
+        raise ValueError(f"position {consumed} is past the end of the epoch ({total} batches)")
     taken = [0] * len(worker_batches)
-    remaining = consumed
-    while remaining > 0:
-        progressed = False
-        for w, total in enumerate(worker_batches):
-            if remaining == 0:
-                break
-            if taken[w] < total:
-                taken[w] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise ValueError(f"position {consumed} is past the end of the epoch ({sum(worker_batches)} batches)")
-    return taken
+    worker = 0
+    for _ in range(consumed):
+        while taken[worker] >= worker_batches[worker]:
+            worker = (worker + 1) % len(worker_batches)
+        taken[worker] += 1
+        worker = (worker + 1) % len(worker_batches)
+    if consumed < total:
+        while taken[worker] >= worker_batches[worker]:
+            worker = (worker + 1) % len(worker_batches)
+    return taken, worker
+
+
+def worker_skip_counts(worker_batches: list[int], consumed: int) -> list[int]:
+    return round_robin_position(worker_batches, consumed)[0]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -258,8 +263,9 @@ class PretrainStream(IterableDataset):
         self.vl_urls = [storage.expand_urls(s.urls) for s in config.vl_sources]
         self.text_urls = [storage.expand_urls(s.urls) for s in config.text_sources]
         for spec, urls in zip(config.vl_sources + config.text_sources, self.vl_urls + self.text_urls, strict=True):
-            if not urls:
-                raise ValueError(f"data source {spec.urls!r} matches no shard")
+            if not urls or not storage.exists(urls[0]):  # one request, not one per shard
+                raise ValueError(f"data source {spec.urls!r} matches no shard"
+                                 + (f" ({urls[0]} does not exist)" if urls else ""))
         self.sizes = storage.read_sizes(self.vl_urls[0]) if config.mode == "exact" else {}
         self.num_workers = max(1, config.num_workers)
         self.worker_batches = self._worker_batches()
@@ -321,7 +327,9 @@ class PretrainStream(IterableDataset):
         for sample in samples:
             try:
                 record = decode(sample)
-                yield make(record, tools, config, sample_rng(self.config.seed, self.epoch, record.key))
+                example = make(record, tools, config, sample_rng(self.config.seed, self.epoch, record.key))
+                example.shard = sample.get("__url__", "")
+                yield example
             except SampleError as err:
                 skipped[err.reason] += 1
                 if sum(skipped.values()) <= 3:
@@ -335,10 +343,15 @@ class PretrainStream(IterableDataset):
         if info is None:  # no DataLoader workers: play every worker's part, in the DataLoader's order
             yield from self._round_robin()
         else:
-            yield from self._worker_batches_iter(worker)
+            yield from self._worker_batches_iter(self._logical_worker(worker))
+
+    def _logical_worker(self, physical: int) -> int:
+        """A resumed DataLoader starts its cycle at worker 0 again: rotate roles so the stream continues."""
+        _, next_worker = round_robin_position(self.worker_batches, self.consumed)
+        return (physical + next_worker) % self.num_workers
 
     def _round_robin(self) -> Iterator[LoaderBatch]:
-        iterators = [self._worker_batches_iter(w) for w in range(self.num_workers)]
+        iterators = [self._worker_batches_iter(self._logical_worker(w)) for w in range(self.num_workers)]
         active = list(range(self.num_workers))
         while active:
             for w in list(active):
@@ -371,13 +384,15 @@ class PretrainStream(IterableDataset):
             padding = not vl
             if vl and not filler:
                 filler = vl[:]
-            if index < skip:
+            if index < skip:  # resuming: these were delivered (and their skips reported) before the restart
+                skipped.clear()
                 continue
             rows = vl if vl else filler
             if not rows and not text:
                 raise RuntimeError(f"worker {worker} has no readable sample to fill batch {index} with")
             yield LoaderBatch(batch=collate(rows, text, drop_labels=padding), keys=[e.key for e in vl],
-                              padding=padding, skipped=skipped.take(), worker=worker, index=index)
+                              shards=[e.shard for e in vl], padding=padding, skipped=skipped.take(), worker=worker,
+                              index=index)
 
 
 def _identity(item: Any) -> Any:

@@ -139,9 +139,10 @@ class CaptionSampleMaker:
             features, scores = regions.features, regions.scores
         elif row.boxes is not None and len(row.boxes) > 0:
             try:
-                boxes = check_boxes(np.asarray(row.boxes, dtype=np.float32), width0, height0)
+                given = np.asarray(row.boxes, dtype=np.float32)
             except (ValueError, TypeError) as err:
                 raise SampleError("bad_boxes", str(err)) from err
+            boxes = check_boxes(given, width0, height0)
         else:
             boxes = np.zeros((0, 4), dtype=np.float32)
         if not self.with_images and features is None:

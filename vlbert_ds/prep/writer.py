@@ -48,7 +48,8 @@ class PrepSummary:
     shards_total: int = 0
     shards_written: int = 0
     shards_already_done: int = 0
-    samples: int = 0
+    samples: int = 0  # in the whole dataset
+    samples_written: int = 0  # by this run
     skipped: Counter = field(default_factory=Counter)
     bytes_written: int = 0
     seconds: float = 0.0
@@ -57,12 +58,13 @@ class PrepSummary:
         rows = [("output", self.out), ("kind", self.kind),
                 ("shards", f"{self.shards_total} ({self.shards_written} written, "
                            f"{self.shards_already_done} already done)"),
-                ("samples written", f"{self.samples:,}"),
+                ("samples in dataset", f"{self.samples:,}"),
+                ("samples written now", f"{self.samples_written:,}"),
                 ("samples skipped", f"{sum(self.skipped.values()):,}"),
                 *[(f"  {reason}", f"{count:,}") for reason, count in sorted(self.skipped.items())],
                 ("bytes written", f"{self.bytes_written / 1e6:,.1f} MB"),
                 ("time", f"{self.seconds:,.1f} s"),
-                ("throughput", f"{self.samples / max(self.seconds, 1e-9):,.1f} samples/s")]
+                ("throughput", f"{self.samples_written / max(self.seconds, 1e-9):,.1f} samples/s")]
         width = max(len(k) for k, _ in rows)
         line = "-" * (width + 3 + max(len(v) for _, v in rows))
         return "\n".join([line, *(f"{k.ljust(width)} | {v}" for k, v in rows), line])
@@ -147,6 +149,7 @@ def write_dataset(out: str, jobs: list[ShardJob], make: Callable[[Any, int, int]
     def account(stats: dict[str, Any], rows: int) -> None:
         summary.shards_written += 1
         summary.bytes_written += stats["bytes"]
+        summary.samples_written += stats["successes"]
         progress.update(rows)
 
     if processes <= 1 or len(todo) <= 1:

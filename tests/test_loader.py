@@ -1,0 +1,214 @@
+"""The streaming loader on local shards: exact epochs, equal batches, resume, corrupt data, model-ready batches."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from vlbert_ds.data import ExampleConfig, LoaderConfig, PretrainStream, SourceSpec, build_loader
+from vlbert_ds.data.pipeline import plan_exact_epoch, worker_skip_counts
+from vlbert_ds.model import VLBertConfig, VLBertForPretraining
+
+
+def _config(data, minilm_folder, **overrides) -> LoaderConfig:
+    base = dict(vl_sources=[SourceSpec(str(data / "vl/train"))], text_sources=[SourceSpec(str(data / "text/train"))],
+                tokenizer=str(minilm_folder), mode="exact", vl_per_batch=8, text_per_batch=8, num_workers=2,
+                shuffle_buffer=16, example=ExampleConfig(num_region_classes=25))
+    base.update(overrides)
+    return LoaderConfig(**base)
+
+
+def _epoch(config, rank=0, world=1, epoch=0, consumed=0, workers=True):
+    if not workers:
+        stream = PretrainStream(config, rank, world)
+        stream.set_epoch(epoch, consumed)
+        return list(stream)
+    _, loader = build_loader(config, rank, world, epoch, consumed)
+    return list(loader)
+
+
+def test_exact_epoch_two_ranks_two_workers_sees_every_sample_once(default_data, minilm_folder):
+    config = _config(default_data, minilm_folder, vl_per_batch=7)
+    per_rank = [_epoch(config, rank, 2) for rank in range(2)]
+    keys = [k for batches in per_rank for b in batches for k in b.keys]
+    assert len(keys) == 160 and len(set(keys)) == 160
+    assert len(per_rank[0]) == len(per_rank[1])  # equal batch counts: no rank waits for another
+    for batches in per_rank:
+        for b in batches:
+            assert b.batch.input_ids.shape[0] == len(b.keys) + 8 if not b.padding else True
+
+
+def test_exact_epoch_reshuffles_shards_each_epoch_but_stays_complete(default_data, minilm_folder):
+    config = _config(default_data, minilm_folder)
+    first = [k for b in _epoch(config, epoch=0) for k in b.keys]
+    second = [k for b in _epoch(config, epoch=1) for k in b.keys]
+    assert sorted(first) == sorted(second) and first != second
+
+
+def test_fewer_shards_than_slots_and_uneven_shards(default_data, minilm_folder, tmp_path):
+    """3 uneven shards for 2 ranks x 2 workers: every slot still gets data, every sample once."""
+    folder = tmp_path / "few"
+    folder.mkdir()
+    sizes = json.loads((default_data / "vl/train/sizes.json").read_text())
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
+        shutil.copy(default_data / "vl/train" / name, folder / name)
+    # make shard 2 uneven: keep its first 7 samples
+    members = []
+    with tarfile.open(folder / "shard-000002.tar") as tar:
+        for m in tar.getmembers():
+            members.append((m, tar.extractfile(m).read()))
+    keys = sorted({m.name.split(".")[0] for m, _ in members})[:7]
+    with tarfile.open(folder / "shard-000002.tar", "w") as tar:
+        for m, data in members:
+            if m.name.split(".")[0] in keys:
+                tar.addfile(m, io.BytesIO(data))
+    (folder / "sizes.json").write_text(json.dumps({"shard-000000.tar": sizes["shard-000000.tar"],
+                                                   "shard-000001.tar": sizes["shard-000001.tar"],
+                                                   "shard-000002.tar": 7}))
+    config = _config(default_data, minilm_folder, vl_sources=[SourceSpec(str(folder))], vl_per_batch=4)
+    plan = plan_exact_epoch([str(folder / n) for n in sorted(p.name for p in folder.glob("*.tar"))],
+                            {str(folder / k): v for k, v in json.loads((folder / "sizes.json").read_text()).items()},
+                            2, 2, 0, config.seed)
+    assert all(sum(p.count for p in slot) > 0 for rank in plan for slot in rank)
+    per_rank = [_epoch(config, rank, 2) for rank in range(2)]
+    seen = [k for batches in per_rank for b in batches for k in b.keys]
+    assert len(seen) == 47 and len(set(seen)) == 47
+    assert len(per_rank[0]) == len(per_rank[1])
+
+
+def test_resume_mid_epoch_continues_the_same_stream(default_data, minilm_folder):
+    config = _config(default_data, minilm_folder, vl_per_batch=6)
+    full = _epoch(config)
+    resumed = _epoch(config, consumed=5)
+    assert [b.keys for b in resumed] == [b.keys for b in full[5:]]
+    for a, b in zip(full[5:], resumed, strict=True):
+        assert torch.equal(a.batch.input_ids, b.batch.input_ids)
+        assert torch.equal(a.batch.mlm_labels, b.batch.mlm_labels)
+        assert torch.equal(a.batch.region_masked, b.batch.region_masked)
+
+
+def test_without_workers_the_order_matches_the_dataloader(default_data, minilm_folder):
+    config = _config(default_data, minilm_folder)
+    assert [b.keys for b in _epoch(config)] == [b.keys for b in _epoch(config, workers=False)]
+
+
+def test_worker_skip_counts_follow_round_robin():
+    assert worker_skip_counts([3, 1], 3) == [2, 1]
+    assert worker_skip_counts([3, 1], 4) == [3, 1]
+    with pytest.raises(ValueError, match="past the end"):
+        worker_skip_counts([3, 1], 5)
+
+
+def test_resampled_mode_weights_and_epoch_length(default_data, minilm_folder):
+    train, val = str(default_data / "vl/train"), str(default_data / "vl/val")
+    config = _config(default_data, minilm_folder, mode="resampled", samples_per_epoch=400, shuffle_buffer=1,
+                     vl_sources=[SourceSpec(train, 3.0), SourceSpec(val, 1.0)])
+    batches = _epoch(config)
+    assert len(batches) == 50
+    shards = Counter("val" if "/vl/val/" in s else "train" for b in batches for s in b.shards)
+    # val has 2 shards of 20, train 8 of 20; draws are per shard with weights 3:1
+    assert 0.6 < shards["train"] / sum(shards.values()) < 0.9
+
+
+def _corrupt_copy(src, dst):
+    shutil.copytree(src, dst)
+    # 1) a shard cut in the middle (a crashed upload)
+    data = (dst / "shard-000001.tar").read_bytes()
+    (dst / "shard-000001.tar").write_bytes(data[: len(data) // 2])
+    # 2) a shard with broken samples appended
+    with tarfile.open(dst / "shard-000003.tar", "a") as tar:
+        def add(name, payload):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+        meta = {"format": 1, "kind": "vl", "caption": "a red circle", "image_width": 320, "image_height": 240}
+        add("bad_nan.json", json.dumps(meta).encode())
+        buffer = io.BytesIO()
+        np.save(buffer, np.array([[1, 1, 5, 5]], dtype=np.float32))
+        add("bad_nan.boxes.npy", buffer.getvalue())
+        buffer = io.BytesIO()
+        np.save(buffer, np.full((1, 2048), np.nan, dtype=np.float16))
+        add("bad_nan.features.npy", buffer.getvalue())
+        add("bad_pickle.json", json.dumps(meta).encode())
+        add("bad_pickle.pickle", b"\x80\x04K\x01.")
+        add("bad_garbage.json", b"{not json")
+        add("../escape.json", b"{}")
+
+
+def test_corrupt_and_truncated_shards_do_not_stop_a_run(default_data, minilm_folder, tmp_path):
+    folder = tmp_path / "corrupt"
+    _corrupt_copy(default_data / "vl/train", folder)
+    config = _config(default_data, minilm_folder, vl_sources=[SourceSpec(str(folder))])
+    per_rank = [_epoch(config, rank, 2) for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    skipped = Counter()
+    for batches in per_rank:
+        for b in batches:
+            skipped.update(b.skipped)
+    assert skipped["broken_shard"] == 1
+    assert skipped["nonfinite_features"] == 1
+    assert skipped["unsafe_member"] == 1
+    assert skipped["bad_json"] == 1
+    assert skipped["unsafe_member_name"] == 1
+    seen = [k for batches in per_rank for b in batches for k in b.keys]
+    assert len(seen) == len(set(seen)) and 140 <= len(seen) < 160  # the cut shard lost its second half
+    for batches in per_rank:
+        for b in batches:
+            assert torch.isfinite(b.batch.region_features).all()
+
+
+def test_loader_batches_train_the_model(default_data, minilm_folder):
+    config = _config(default_data, minilm_folder)
+    batch = next(iter(build_loader(config)[1])).batch
+    assert batch.has_image.tolist() == [True] * 8 + [False] * 8
+    assert not batch.region_masked[:, 0].any() and not batch.mrc_select[:, 0].any()  # RoI 0 never masked
+    model = VLBertForPretraining(VLBertConfig.preset("tiny", num_region_classes=25))
+    out = model(batch)
+    assert set(out.losses) == {"mlm_vl", "mlm_text", "mrc"} and torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_end_to_end_batches_carry_images(default_data, minilm_folder):
+    config = _config(default_data, minilm_folder, example=ExampleConfig(num_region_classes=25,
+                                                                        visual_front_end="end_to_end"),
+                     num_workers=0, vl_per_batch=2, text_per_batch=2)
+    batch = next(iter(PretrainStream(config))).batch
+    assert batch.images.shape == (2, 3, 240, 320) and batch.region_features is None
+    model = VLBertForPretraining(VLBertConfig.preset("tiny", num_region_classes=25, visual_front_end="end_to_end"))
+    assert torch.isfinite(model(batch).loss)
+
+
+def test_whole_image_feature_is_the_mean_of_visible_boxes(default_data, minilm_folder):
+    config = _config(default_data, minilm_folder, num_workers=0, vl_per_batch=16)
+    batch = next(iter(PretrainStream(config))).batch
+    checked = 0
+    for row in range(16):
+        valid = batch.region_mask[row]
+        visible = valid.clone()
+        visible[0] = False
+        visible &= ~batch.region_masked[row]
+        if batch.region_masked[row].any():
+            checked += 1
+        # truncation never cuts these tiny scenes, so every box is still present
+        expected = batch.region_features[row, visible].sum(0) / (visible.sum() + 1e-5)
+        assert torch.allclose(batch.region_features[row, 0], expected, atol=1e-3)
+    assert checked > 0
+
+
+def test_bad_loader_config(default_data, minilm_folder, tmp_path):
+    with pytest.raises(ValueError, match="matches no shard"):
+        PretrainStream(_config(default_data, minilm_folder, vl_sources=[SourceSpec(str(tmp_path / "x-{0..3}.tar"))]))
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        PretrainStream(_config(default_data, minilm_folder, mode="resampled"))
+    (tmp_path / "nosizes").mkdir()
+    shutil.copy(default_data / "vl/train/shard-000000.tar", tmp_path / "nosizes")
+    with pytest.raises(ValueError, match=r"sizes\.json"):
+        PretrainStream(_config(default_data, minilm_folder, vl_sources=[SourceSpec(str(tmp_path / "nosizes"))]))
