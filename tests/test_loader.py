@@ -198,8 +198,9 @@ def test_whole_image_feature_is_the_mean_of_visible_boxes(default_data, minilm_f
         if batch.region_masked[row].any():
             checked += 1
         # truncation never cuts these tiny scenes, so every box is still present
-        expected = batch.region_features[row, visible].sum(0) / (visible.sum() + 1e-5)
-        assert torch.allclose(batch.region_features[row, 0], expected, atol=1e-3)
+        expected = batch.region_features[row, visible].float().sum(0) / (visible.sum() + 1e-5)
+        assert batch.region_features.dtype == torch.float16  # stored precision, widened by the model
+        assert torch.allclose(batch.region_features[row, 0].float(), expected, atol=1e-2, rtol=1e-3)
     assert checked > 0
 
 

@@ -8,6 +8,7 @@ at most 64 WordPiece ids (the model appends [END]).
 from __future__ import annotations
 
 import io
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,6 @@ from PIL import Image
 from vlbert_ds.data.masking import IGNORE, MaskingConfig, mask_regions, mask_words, truncation_lengths
 from vlbert_ds.data.schema import SampleError, TextRecord, VLRecord
 from vlbert_ds.model.inputs import VLBatch
-
-# Caffe/MSRA ResNet input: BGR, 0-255, minus these means, std 1 (reference §1.4).
-CAFFE_BGR_MEANS = np.array([102.9801, 115.9465, 122.7717], dtype=np.float32)
-
 
 class TokenizerTools:
     """What masking needs from a BERT WordPiece tokenizer, precomputed once per worker."""
@@ -74,8 +71,11 @@ class VLExample:
     region_hidden: np.ndarray  # [R] bool
     region_selected: np.ndarray  # [R] bool (predicted, with a valid soft label)
     region_targets: np.ndarray  # [S, C] float32, rows of the selected RoIs in order
-    features: np.ndarray | None = None  # [R, D] float32 (precomputed)
-    image: np.ndarray | None = None  # [3, H, W] float32 normalised (end-to-end)
+    # Precomputed front end: detector-box features as stored ([R-1, D], float16 from shards) and the
+    # whole-image RoI-0 feature [D]; kept apart so that no per-sample copy joins them (collate does).
+    features: np.ndarray | None = None
+    whole_image_feature: np.ndarray | None = None
+    image: torch.Tensor | None = None  # [3, H, W] uint8 RGB (end-to-end)
     shard: str = ""  # where the sample was read from (for accounting)
 
 
@@ -97,21 +97,25 @@ class ExampleConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
 
 
-def decode_image(jpeg: bytes, width: int, height: int, max_pixels: int) -> np.ndarray:
-    """JPEG -> [3, H, W] Caffe-normalised BGR, refusing decompression bombs from the header alone."""
+def decode_image(jpeg: bytes, width: int, height: int, max_pixels: int) -> torch.Tensor:
+    """JPEG -> uint8 RGB [3, H, W] (Pillow); decompression bombs refused from the header before decoding.
+
+    Normalisation happens on the device (`FastRCNNAppearance.normalise`): 4x fewer bytes to move.
+    """
     try:
-        image = Image.open(io.BytesIO(jpeg))
-        if image.width * image.height > max_pixels:
-            raise SampleError("image_too_large", f"{image.width} x {image.height}")
-        image = image.convert("RGB")
+        decoder = Image.open(io.BytesIO(jpeg))  # reads the header only
+        if decoder.width * decoder.height > max_pixels:
+            raise SampleError("image_too_large", f"{decoder.width} x {decoder.height}")
+        if decoder.format != "JPEG":
+            raise SampleError("bad_image", f"expected JPEG, got {decoder.format}")
+        image = torch.from_numpy(np.asarray(decoder.convert("RGB"))).permute(2, 0, 1)
     except SampleError:
         raise
     except Exception as err:
         raise SampleError("bad_image", f"{type(err).__name__}: {err}") from err
-    if image.size != (width, height):
-        raise SampleError("image_size_mismatch", f"json says {width} x {height}, jpeg is {image.size}")
-    pixels = np.asarray(image, dtype=np.float32)[:, :, ::-1] - CAFFE_BGR_MEANS
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    if tuple(image.shape[1:]) != (height, width):
+        raise SampleError("image_size_mismatch", f"json says {width} x {height}, jpeg is {tuple(image.shape[1:])}")
+    return image
 
 
 def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConfig,
@@ -133,21 +137,22 @@ def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConf
         raise SampleError("too_many_classes", f"{scores.shape[1]} > num_region_classes {config.num_region_classes}")
     if scores is not None:
         selected, hidden = mask_regions(num_boxes, rng, config.masking)
-        selected &= np.abs(scores.sum(1) - 1.0) < 0.1  # only valid distributions are targets
+        chosen = np.flatnonzero(selected)  # only valid distributions are targets (checked on chosen rows only)
+        selected[chosen] = np.abs(scores[chosen].astype(np.float32).sum(1) - 1.0) < 0.1
     else:  # no class scores: nothing to predict, so nothing is hidden either
         selected = hidden = np.zeros(num_boxes, dtype=bool)
 
     all_boxes = np.concatenate(([[0.0, 0.0, width - 1, height - 1]], boxes)).astype(np.float32)
     hidden_all = np.concatenate(([False], hidden))
     selected_all = np.concatenate(([False], selected))
-    features = None
+    features = whole = None
     if config.visual_front_end == "precomputed":
         if record.features is None:
             raise SampleError("missing_features")
         kept = ~hidden
-        # The official whole-image feature: mean over the boxes that stay visible.
-        whole = record.features[kept].sum(0) / (kept.sum() + 1e-5)
-        features = np.concatenate((whole[None], record.features)).astype(np.float32)
+        # The official whole-image feature: mean over the boxes that stay visible (summed in float32).
+        whole = torch.from_numpy(record.features[kept]).float().sum(0).numpy() / (kept.sum() + 1e-5)
+        features = record.features
 
     keep_text, keep_boxes = truncation_lengths(text.size, all_boxes.shape[0], config.max_elements)
     if keep_text < text.size:
@@ -155,11 +160,11 @@ def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConf
         text_labels = np.concatenate((text_labels[: keep_text - 1], text_labels[-1:]))
     all_boxes, hidden_all, selected_all = all_boxes[:keep_boxes], hidden_all[:keep_boxes], selected_all[:keep_boxes]
     if features is not None:
-        features = features[:keep_boxes]
+        features = features[: keep_boxes - 1]
     targets = np.zeros((int(selected_all.sum()), config.num_region_classes), dtype=np.float32)
     if targets.shape[0]:
         rows = scores[np.flatnonzero(selected_all) - 1]
-        targets[:, : rows.shape[1]] = rows
+        targets[:, : rows.shape[1]] = rows  # widened to float32 for the selected rows only
 
     image = None
     if config.visual_front_end == "end_to_end":
@@ -168,7 +173,7 @@ def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConf
         image = decode_image(record.jpeg, record.image_width, record.image_height, config.max_image_pixels)
     return VLExample(key=record.key, input_ids=text, mlm_labels=text_labels, boxes=all_boxes,
                      image_size=(width, height), region_hidden=hidden_all, region_selected=selected_all,
-                     region_targets=targets, features=features, image=image)
+                     region_targets=targets, features=features, whole_image_feature=whole, image=image)
 
 
 def make_text_example(record: TextRecord, tools: TokenizerTools, config: ExampleConfig,
@@ -179,6 +184,15 @@ def make_text_example(record: TextRecord, tools: TokenizerTools, config: Example
     masked, labels = mask_words(ids, tools.word_starts(ids), rng, tools.mask_id, tools.replacement_ids,
                                 config.masking)
     return TextExample(key=record.key, input_ids=masked, mlm_labels=labels)
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor view of a (possibly read-only) array that is only read, never written through."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = False) -> VLBatch:
@@ -205,12 +219,13 @@ def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = Fa
     image_size = torch.zeros(rows, 2)
     features = None
     if vl and vl[0].features is not None:
-        features = torch.zeros(rows, region_slots, vl[0].features.shape[1])
+        dtype = torch.float16 if vl[0].features.dtype == np.float16 else torch.float32
+        features = torch.zeros(rows, region_slots, vl[0].features.shape[1], dtype=dtype)
     images = None
     if vl and vl[0].image is not None:
         height = max(e.image.shape[1] for e in vl)
         width = max(e.image.shape[2] for e in vl)
-        images = torch.zeros(len(vl), 3, height, width)
+        images = torch.zeros(len(vl), 3, height, width, dtype=torch.uint8)
     targets = []
     for row, example in enumerate(vl):
         k = example.boxes.shape[0]
@@ -220,10 +235,11 @@ def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = Fa
         selected[row, :k] = torch.from_numpy(example.region_selected)
         image_size[row] = torch.tensor(example.image_size)
         if features is not None:
-            features[row, :k] = torch.from_numpy(example.features)
+            features[row, 0] = torch.from_numpy(example.whole_image_feature)
+            features[row, 1:k] = _as_tensor(example.features)
         if images is not None:
             _, h, w = example.image.shape
-            images[row, :, :h, :w] = torch.from_numpy(example.image)
+            images[row, :, :h, :w] = example.image
         targets.append(torch.from_numpy(example.region_targets))
     num_classes = vl[0].region_targets.shape[1] if vl else 0
     mrc_targets = torch.cat(targets) if targets else torch.zeros(0, num_classes)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from vlbert_ds.data import storage
 from vlbert_ds.data.examples import (
@@ -47,6 +47,7 @@ from vlbert_ds.data.examples import (
     sample_rng,
 )
 from vlbert_ds.data.schema import SampleError, decode_text, decode_vl
+from vlbert_ds.data.tarstream import iter_members
 from vlbert_ds.model.inputs import VLBatch
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,7 @@ def _group_samples(stream, url: str, skipped: SkipCounter) -> Iterator[dict[str,
     """Tar members -> samples grouped by key; unsafe names refused; a broken tar ends the shard."""
     current: dict[str, Any] | None = None
     try:
-        for member in tar_file_iterator(stream):
-            name = member["fname"]
+        for name, data in iter_members(stream):
             if name.startswith("/") or ".." in name.split("/") or not _SAFE_NAME.match(name):
                 skipped["unsafe_member_name"] += 1
                 continue
@@ -210,7 +210,7 @@ def _group_samples(stream, url: str, skipped: SkipCounter) -> Iterator[dict[str,
             if suffix in current:
                 skipped["duplicate_member"] += 1
                 continue
-            current[suffix] = member["data"]
+            current[suffix] = data
     except Exception as err:  # truncated or corrupt tar: keep what was read, drop the partial sample
         skipped["broken_shard"] += 1
         log.warning("shard %s broke off (%s: %s); continuing with the next", url, type(err).__name__, err)

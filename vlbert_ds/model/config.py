@@ -66,6 +66,9 @@ class VLBertConfig:
     roi_align_sampling_ratio: int = 1
     # Optional local file (safetensors or torch state dict, torchvision key names); never downloaded.
     backbone_weights: str | None = None
+    # uint8 RGB images in a batch are normalised on the device as the Caffe ResNet expects:
+    # BGR order, 0-255, minus these means, std 1 (float images are taken as already normalised).
+    pixel_mean_bgr: tuple[float, float, float] = (102.9801, 115.9465, 122.7717)
 
     # --- heads ---
     num_region_classes: int = 1601
@@ -78,6 +81,7 @@ class VLBertConfig:
 
     def __post_init__(self) -> None:
         self.frozen_backbone_stages = tuple(self.frozen_backbone_stages)
+        self.pixel_mean_bgr = tuple(float(v) for v in self.pixel_mean_bgr)
         self.validate()
 
     # ------------------------------------------------------------------
@@ -128,6 +132,7 @@ class VLBertConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["frozen_backbone_stages"] = list(self.frozen_backbone_stages)
+        data["pixel_mean_bgr"] = list(self.pixel_mean_bgr)
         return data
 
     @classmethod

@@ -31,8 +31,9 @@ class VLBatch:
         region_mask      [B, R] bool   valid RoIs; a prefix of each row.
         image_size       [B, 2]        (width, height) of the frame the boxes live in.
         region_features  [B, R, D]     precomputed appearance features (precomputed front end).
-        images           [N, 3, H, W]  normalised pixels of the `has_image` rows in row order,
-                                       zero-padded at the bottom/right (end-to-end front end).
+        images           [N, 3, H, W]  pixels of the `has_image` rows in row order, padded at the
+                                       bottom/right (end-to-end front end): uint8 RGB (normalised on
+                                       the device) or float already normalised (padding 0).
         region_masked    [B, R] bool   RoIs hidden from the model: learned feature (precomputed) or
                                        zeroed pixels (end-to-end), and the mask-[IMG] embedding.
     Targets (optional)

@@ -120,12 +120,13 @@ class VLBertModel(_Pretrained):
             return vectors
         if isinstance(self.appearance, FastRCNNAppearance):
             image_rows = batch.has_image.bool()
-            appearance = torch.zeros(rows, slots, self.appearance.feature_dim, device=region_mask.device,
-                                     dtype=batch.images.dtype)
-            appearance[image_rows] = self.appearance(
+            per_image = self.appearance(
                 batch.images, batch.boxes[image_rows], region_mask[image_rows],
                 None if batch.region_masked is None else batch.region_masked[image_rows].bool(),
-            ).to(appearance.dtype)
+                batch.image_size[image_rows],
+            )
+            appearance = per_image.new_zeros(rows, slots, self.appearance.feature_dim)
+            appearance[image_rows] = per_image
         else:
             appearance = self.appearance(
                 batch.region_features, None if batch.region_masked is None else batch.region_masked.bool()

@@ -94,6 +94,8 @@ class FastRCNNAppearance(nn.Module):
         self.output_size = config.roi_align_output_size
         self.sampling_ratio = config.roi_align_sampling_ratio
         self.frozen_stages = config.frozen_backbone_stages
+        self.register_buffer("pixel_mean_bgr", torch.tensor(config.pixel_mean_bgr).view(1, 3, 1, 1),
+                             persistent=False)
         if config.backbone_weights:
             self.load_backbone_weights(config.backbone_weights)
         self._freeze()
@@ -144,8 +146,26 @@ class FastRCNNAppearance(nn.Module):
         covered = torch.bmm(rows.transpose(1, 2), cols) > 0  # [N,H,W]
         return images.masked_fill(covered[:, None], 0.0)
 
-    def forward(self, images: Tensor, boxes: Tensor, region_mask: Tensor, region_masked: Tensor | None) -> Tensor:
+    def normalise(self, images: Tensor, image_size: Tensor) -> Tensor:
+        """uint8 RGB [N,3,H,W] -> Caffe-normalised BGR float; padding beyond each image's size set to 0.
+
+        Shipping uint8 and normalising here moves 4x fewer bytes from the loader to the device.
+        """
+        dtype = self.res2[0].conv1.weight.dtype
+        images = images.flip(1).to(dtype) - self.pixel_mean_bgr.to(dtype)
+        height, width = images.shape[-2:]
+        inside_y = torch.arange(height, device=images.device)[None, :] < image_size[:, 1:2]
+        inside_x = torch.arange(width, device=images.device)[None, :] < image_size[:, 0:1]
+        inside = inside_y[:, :, None] & inside_x[:, None, :]
+        return images.masked_fill(~inside[:, None], 0.0)
+
+    def forward(self, images: Tensor, boxes: Tensor, region_mask: Tensor, region_masked: Tensor | None,
+                image_size: Tensor | None = None) -> Tensor:
         """images [N,3,H,W] for the N rows that have an image; boxes/region_mask [N,R,...] -> [N,R,D]."""
+        if images.dtype == torch.uint8:
+            if image_size is None:
+                raise ValueError("uint8 images need image_size to normalise and mask the padding")
+            images = self.normalise(images, image_size)
         if region_masked is not None:
             images = self.mask_pixels(images, boxes.to(images.dtype), region_masked & region_mask)
         feature_map = self.res4(self.res3(self.res2(self.stem(images))))

@@ -25,6 +25,9 @@ from vlbert_ds.data.schema import FORMAT_VERSION, SampleError
 log = logging.getLogger(__name__)
 
 
+SHARD_MTIME = 1_700_000_000
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -93,7 +96,8 @@ def write_shard(out: str, job: ShardJob, make: Callable[[Any, int, int], Iterabl
     def write(handle) -> None:
         nonlocal count
         counter = _CountingWriter(handle)
-        with wds.TarWriter(counter) as sink:
+        # A fixed integer mtime: reproducible shards, and no per-member PAX header to parse when reading.
+        with wds.TarWriter(counter, encoder=False, mtime=SHARD_MTIME) as sink:
             for position, row in enumerate(job.rows):
                 try:
                     samples = list(make(row, job.index, position))
