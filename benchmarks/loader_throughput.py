@@ -186,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"front_end": front_end, "storage": "local", "ours_samples_per_s": ours,
                          "official_samples_per_s": official, "ratio": ours / official})
         if not args.no_s3:
-            from services import running_s3
-
             import s3fs
+            from services import running_s3
 
             with running_s3(tmp / "seaweed") as server:
                 os.environ.update(server.env())
@@ -210,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["cores_per_gpu_at_peer_rate"] = gpu_vl_rate / row["ours_samples_per_s"]
         print(f"{row['front_end']:<12} {row['storage']:<16} {row['ours_samples_per_s']:>12.1f} "
-              f"{row['official_samples_per_s']:>16.1f} {row['ratio']:>6.1f}x {row['cores_per_gpu_at_peer_rate']:>10.1f}")
+              f"{row['official_samples_per_s']:>16.1f} {row['ratio']:>6.1f}x "
+              f"{row['cores_per_gpu_at_peer_rate']:>10.1f}")
     result = {"samples": args.samples, "boxes_per_image": NUM_BOXES, "gpu_vl_samples_per_s_assumed": gpu_vl_rate,
               "rows": rows, "machine": {"cpus": os.cpu_count()}}
     args.json.write_text(json.dumps(result, indent=2) + "\n")

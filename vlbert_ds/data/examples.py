@@ -21,6 +21,7 @@ from vlbert_ds.data.masking import IGNORE, MaskingConfig, mask_regions, mask_wor
 from vlbert_ds.data.schema import SampleError, TextRecord, VLRecord
 from vlbert_ds.model.inputs import VLBatch
 
+
 class TokenizerTools:
     """What masking needs from a BERT WordPiece tokenizer, precomputed once per worker."""
 

@@ -58,8 +58,10 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-# The header numpy writes for a plain C-ordered array, e.g. {'descr': '<f2', 'fortran_order': False, 'shape': (50, 2048), }
-_NPY_HEADER = re.compile(rb"\{'descr': '([<|>]?[a-zA-Z]\d{0,2})', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}\s*$")
+# The header numpy writes for a plain C-ordered array:
+#   {'descr': '<f2', 'fortran_order': False, 'shape': (50, 2048), }
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '([<|>]?[a-zA-Z]\d{0,2})', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}\s*$")
 _NPY_SAFE_KINDS = frozenset("fiub")
 
 
