@@ -91,3 +91,43 @@ def running_s3(data_dir: Path) -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def start_mlflow(folder: Path, timeout: float = 90.0) -> MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a sqlite store (job runner off: 2 processes instead of 11)."""
+    import urllib.request
+
+    folder.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    binary = Path(sys.executable).parent / "mlflow"
+    command = [str(binary), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--artifacts-destination", str(folder / "artifacts")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(folder / "mlflow.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = MlflowServer(f"http://127.0.0.1:{port}", process)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(folder / 'mlflow.log').read_text()[-2000:]}")
+        with contextlib.suppress(Exception), urllib.request.urlopen(f"{server.uri}/health", timeout=2) as answer:
+            if answer.status == 200:
+                return server
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"mlflow server did not answer within {timeout}s")

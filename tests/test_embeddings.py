@@ -118,3 +118,18 @@ def test_mixed_batch_outputs_do_not_depend_on_other_rows():
             n_roi = int(batch.region_mask[row].sum())
             assert torch.allclose(single.text_output[0, :n_text], together.text_output[row, :n_text], atol=1e-5)
             assert torch.allclose(single.region_output[0, :n_roi], together.region_output[row, :n_roi], atol=1e-5)
+
+
+def test_modality_buckets_give_the_same_outputs_as_one_padded_pass():
+    model = _model()
+    batch = make_vl_batch(model.config, rows_vl=2, rows_text=2, regions=5, text_len=9)
+    batch.text_mask[2, 5:] = False  # a short text-only row
+    batch.input_ids[2, 5:] = 0
+    with torch.no_grad():
+        bucketed = model(batch)
+        model.config.bucket_by_modality = False
+        single = model(batch)
+        model.config.bucket_by_modality = True
+    assert torch.allclose(bucketed.text_output[batch.text_mask], single.text_output[batch.text_mask], atol=1e-5)
+    assert torch.allclose(bucketed.region_output[batch.region_mask], single.region_output[batch.region_mask],
+                          atol=1e-5)

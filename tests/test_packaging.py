@@ -13,7 +13,7 @@ def test_non_editable_install_imports(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(ROOT)], check=True, cwd=tmp_path)
-    code = ("import vlbert_ds, vlbert_ds.model, vlbert_ds.train.demo as d; "
+    code = ("import vlbert_ds, vlbert_ds.model, vlbert_ds.data, vlbert_ds.prep.cli, vlbert_ds.train.config; "
             "from vlbert_ds.model import VLBertForPretraining, VLBertConfig; "
             "print(vlbert_ds.__file__); VLBertForPretraining(VLBertConfig.preset('tiny'))")
     result = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, capture_output=True, text=True,

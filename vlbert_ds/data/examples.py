@@ -242,15 +242,15 @@ def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = Fa
             _, h, w = example.image.shape
             images[row, :, :h, :w] = example.image
         targets.append(torch.from_numpy(example.region_targets))
-    num_classes = vl[0].region_targets.shape[1] if vl else 0
-    mrc_targets = torch.cat(targets) if targets else torch.zeros(0, num_classes)
+    mrc_targets = torch.cat(targets) if targets else None
     if drop_labels:
         labels.fill_(IGNORE)
         selected.fill_(False)
-        mrc_targets = mrc_targets[:0]
+        if mrc_targets is not None:
+            mrc_targets = mrc_targets[:0]
     return VLBatch(
         input_ids=input_ids, text_mask=text_mask, token_type_ids=torch.zeros_like(input_ids),
         has_image=torch.arange(rows) < len(vl), boxes=boxes, region_mask=region_mask, image_size=image_size,
         region_features=features, images=images, region_masked=hidden, mlm_labels=labels,
-        mrc_select=selected, mrc_targets=mrc_targets,
+        mrc_select=selected if mrc_targets is not None else None, mrc_targets=mrc_targets,
     )

@@ -76,6 +76,8 @@ class VLBertConfig:
     with_sentence_image_head: bool = False
 
     # --- runtime ---
+    # Encode vision-language and text-only rows as two packed batches (same result, less padding).
+    bucket_by_modality: bool = True
     # Value checks (boxes inside the image, prefix masks, ...) cost a device sync; shape checks are always on.
     check_inputs: bool = True
 

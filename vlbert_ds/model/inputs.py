@@ -76,6 +76,26 @@ class VLBatch:
             mlm_labels=mlm_labels,
         )
 
+    def select_rows(self, rows: Tensor) -> VLBatch:
+        """The sub-batch of `rows` (sorted indices), trimmed to its own longest text and RoI count."""
+        text_len = int(self.text_mask[rows].sum(1).max()) if rows.numel() else 0
+        region_len = int(self.region_mask[rows].sum(1).max()) if rows.numel() else 0
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name in ("mrc_targets", "images"):
+                continue
+            value = value[rows]
+            if f.name in ("input_ids", "text_mask", "token_type_ids", "text_visual_index", "mlm_labels"):
+                value = value[:, :text_len]
+            elif f.name in ("boxes", "region_mask", "region_features", "region_masked", "mrc_select"):
+                value = value[:, :region_len]
+            out[f.name] = value
+        if self.images is not None:
+            image_index = torch.cumsum(self.has_image.long(), 0) - 1
+            out["images"] = self.images[image_index[rows][self.has_image[rows]]]
+        return VLBatch(**out)
+
     @property
     def batch_size(self) -> int:
         return int(self.input_ids.shape[0])

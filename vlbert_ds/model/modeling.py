@@ -137,6 +137,42 @@ class VLBertModel(_Pretrained):
 
     def forward(self, batch: VLBatch, append_end: bool = True) -> VLBertOutput:
         validate_batch(batch, self.config, append_end)
+        has_image = batch.has_image.bool()
+        if self.config.bucket_by_modality and bool(has_image.any()) and not bool(has_image.all()):
+            return self._forward_buckets(batch, has_image, append_end)
+        return self._forward_rows(batch, append_end)
+
+    def _forward_buckets(self, batch: VLBatch, has_image: Tensor, append_end: bool) -> VLBertOutput:
+        """Run vision-language rows and text-only rows as two packed batches.
+
+        Rows never attend to each other, so this equals one padded pass; it only stops short caption
+        rows (~20 elements) from being padded to the 65 of the text segments (~1/3 less compute at
+        the paper's 1:1 mix).
+        """
+        rows_b = batch.input_ids.shape[0]
+        parts = [(rows, self._forward_rows(batch.select_rows(rows), append_end))
+                 for rows in (has_image.nonzero().flatten(), (~has_image).nonzero().flatten())]
+        hidden = parts[0][1].sequence_output.shape[-1]
+        like = parts[0][1].sequence_output
+        length = max(p.sequence_output.shape[1] for _, p in parts)
+        sequence = like.new_zeros(rows_b, length, hidden)
+        element_mask = torch.zeros(rows_b, length, dtype=torch.bool, device=like.device)
+        text_output = like.new_zeros(rows_b, batch.input_ids.shape[1], hidden)
+        region_output = like.new_zeros(rows_b, batch.region_mask.shape[1], hidden)
+        pooled = like.new_zeros(rows_b, hidden) if self.pooler is not None else None
+        for rows, part in parts:
+            sequence = sequence.index_copy(0, rows, nn.functional.pad(
+                part.sequence_output, (0, 0, 0, length - part.sequence_output.shape[1])))
+            element_mask[rows, : part.element_mask.shape[1]] = part.element_mask
+            text_output = text_output.index_copy(0, rows, nn.functional.pad(
+                part.text_output, (0, 0, 0, text_output.shape[1] - part.text_output.shape[1])))
+            region_output = region_output.index_copy(0, rows, nn.functional.pad(
+                part.region_output, (0, 0, 0, region_output.shape[1] - part.region_output.shape[1])))
+            if pooled is not None:
+                pooled = pooled.index_copy(0, rows, part.pooled_output)
+        return VLBertOutput(sequence, element_mask, text_output, region_output, pooled)
+
+    def _forward_rows(self, batch: VLBatch, append_end: bool) -> VLBertOutput:
         region_mask = batch.region_mask.bool()
         embeddings, layout = self.embeddings(
             input_ids=batch.input_ids,

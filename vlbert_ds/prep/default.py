@@ -1,6 +1,6 @@
 """`vlbert-prep default`: the embedded default dataset, generated offline and deterministically.
 
-Vision-language part: synthetic scenes of 3-5 coloured shapes (circle, square, triangle, diamond in
+Vision-language part: synthetic scenes of 2-3 coloured shapes (circle, square, triangle, diamond in
 six colours) on a textured background, with exact boxes, a 25-way class distribution per box
 (background + colour x shape; 0.8 on the true class, the rest on look-alikes, as a detector's soft
 scores), and captions that name colours, shapes and spatial relations of two objects. A masked colour
@@ -100,7 +100,7 @@ def make_scene(seed: int, index: int, width: int, height: int) -> tuple[Image.Im
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
     objects: list[SceneObject] = []
-    wanted = rng.randint(3, 5)
+    wanted = rng.randint(2, 3)
     short = min(width, height)
     for _ in range(200):
         if len(objects) == wanted:

@@ -1,1 +1,1 @@
-"""Training: the engine, the loop, checkpoints, tracking (the demo command until pretraining lands)."""
+"""Training: run config, rank discovery, the DeepSpeed engine, the loop, checkpoints, MLflow tracking."""

@@ -1,0 +1,62 @@
+"""One rank of a test training run: `python train_worker.py SPEC.json` with RANK/WORLD_SIZE/... set.
+
+SPEC: {"overrides": [...], "batches": "default-data folder" | null, "num_batches": N, "out": "result.json"}
+With "batches", rank r of W trains on the fixed list B[r], B[W + r], ... built from the default data
+(exact mode, one rank), so runs of different world sizes see exactly the same data per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def fixed_batches(folder: str, count: int, tokenizer: str):
+    from vlbert_ds.data import ExampleConfig, LoaderConfig, PretrainStream, SourceSpec
+
+    config = LoaderConfig(vl_sources=[SourceSpec(f"{folder}/vl/train")], text_sources=[SourceSpec(f"{folder}/text/train")],
+                          tokenizer=tokenizer, mode="exact", vl_per_batch=4, text_per_batch=4, num_workers=1,
+                          shuffle_buffer=8, example=ExampleConfig(num_region_classes=25))
+    stream = iter(PretrainStream(config))
+    return [next(stream).batch for _ in range(count)]
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    from vlbert_ds.train.config import load_config
+    from vlbert_ds.train.distributed import discover, init_distributed
+    from vlbert_ds.train.pretrain import default_bert, run
+
+    dist = discover()
+    config = load_config(spec.get("config"), spec["overrides"])
+    init_distributed(dist)
+    batches = None
+    if spec.get("batches"):
+        every = fixed_batches(spec["batches"], spec["num_batches"], default_bert())
+        batches = iter(every[dist.rank :: dist.world_size])
+    result = run(config, dist, batches=batches)
+    if dist.is_main:
+        report = {"step_losses": result.step_losses, "final": result.final_metrics, "export_dir": result.export_dir,
+                  "run_id": result.run_id, "tracking_uri": result.tracking_uri}
+        if result.export_dir and spec.get("compare_export"):
+            from vlbert_ds.model import VLBertForPretraining
+
+            probe = fixed_batches(spec["compare_export"], 1, default_bert())[0]
+            engine_model = result.engine.module.eval()
+            loaded = VLBertForPretraining.from_pretrained(result.export_dir).eval()
+            with torch.no_grad():
+                a = engine_model.vlbert(probe).text_output
+                b = loaded.vlbert(probe).text_output
+            mask = probe.text_mask
+            report["export_max_abs_diff"] = float((a[mask] - b[mask]).abs().max())
+        Path(spec["out"]).write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Run config, DeepSpeed JSON filling, optimizer groups and the schedule (no processes started)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from torch import nn
+
+from vlbert_ds.train.config import load_config
+from vlbert_ds.train.engine import build_ds_config, lr_lambda, parameter_groups, read_ds_config
+
+
+def test_yaml_with_overrides_and_types(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  vl_sources: [a/b]\n  vl_per_batch: 8\ntrain:\n  steps: 10\n")
+    config = load_config(path, ["train.steps=20", "optimizer.lr=3e-4", "optimizer.betas=[0.9, 0.98]",
+                                "train.precision=fp32", 'model.overrides={"hidden_dropout_prob": 0.0}'])
+    assert config.train.steps == 20 and config.optimizer.lr == 3e-4 and config.optimizer.betas == [0.9, 0.98]
+    assert config.data.vl_per_batch == 8 and config.model.overrides == {"hidden_dropout_prob": 0.0}
+    assert "train.steps" in config.flat() and config.flat()["optimizer.betas"] == "[0.9, 0.98]"
+    toml = tmp_path / "run.toml"
+    toml.write_text('[data]\nvl_sources = ["x"]\n[train]\nsteps = 7\n')
+    assert load_config(toml).train.steps == 7
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.stepz=3", "unknown key train.stepz"),
+    ("trian.steps=3", "unknown section"),
+    ("train.steps=many", "train.steps must be int"),
+    ("train.precision=fp8", "train.precision"),
+    ("data.mode=sometimes", "data.mode"),
+    ("steps=3", "section.key=value"),
+])
+def test_bad_config_is_rejected_before_work(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["data.vl_sources=[x]", override])
+
+
+def test_ds_config_filled_from_run_config_and_contradictions_refused():
+    config = load_config(None, ["data.vl_sources=[x]", "data.vl_per_batch=6", "data.text_per_batch=2",
+                                "train.grad_accum=3", "train.precision=bf16", "optimizer.grad_clip=1.5"])
+    ds = build_ds_config(config, world_size=4, template=read_ds_config("ds_configs/zero2.json"))
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 8 * 3 * 4 and ds["gradient_clipping"] == 1.5
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
+        build_ds_config(config, 4, {"train_micro_batch_size_per_gpu": 16})
+    with pytest.raises(ValueError, match="fp16.enabled"):
+        build_ds_config(config, 4, {"fp16": {"enabled": True}})
+    with pytest.raises(ValueError, match="optimizer"):
+        build_ds_config(config, 4, {"optimizer": {"type": "Adam"}})
+    for name in ("zero1", "zero2", "zero3", "zero2_offload"):
+        assert "zero_optimization" in json.loads(open(f"ds_configs/{name}.json").read())
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    factor = lr_lambda(warmup=4, total=20, schedule="linear")
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == 1.0 and factor(12) == 0.5 and factor(20) == 0.0
+    assert lr_lambda(2, 10, "constant")(9) == 1.0
+
+
+def test_weight_decay_spares_norms_and_biases_unless_asked():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    groups = parameter_groups(model, 0.01, decay_norm_and_bias=False)
+    decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
+    assert decayed == {id(model[0].weight), id(model[2].weight)}
+    groups = parameter_groups(model, 0.01, decay_norm_and_bias=True)
+    assert sum(len(g["params"]) for g in groups if g["weight_decay"]) == 6  # the official behaviour
+    groups = parameter_groups(model, 0.01, False, fresh={"2.weight"}, fresh_lr_multiplier=10.0)
+    scaled = [p for g in groups if g["lr_scale"] == 10.0 for p in g["params"]]
+    assert scaled == [model[2].weight]

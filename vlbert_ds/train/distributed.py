@@ -1,0 +1,75 @@
+"""Rank discovery and process-group set-up, in Python rather than shell.
+
+Order (as OpenCLIP's `world_info_from_env`): torchrun / the deepspeed launcher (`RANK`,
+`WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), else Slurm (`SLURM_PROCID`,
+`SLURM_NTASKS`, `SLURM_LOCALID`, the first host of `SLURM_JOB_NODELIST`, a port derived from the
+job id), else a single process. DeepSpeed reads no SLURM_* variable and would fall back to mpi4py,
+so we export the discovered values before `deepspeed.init_distributed(auto_mpi_discovery=False)`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "launcher", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: `scontrol show hostnames`, or a parse of `n[1-3,5]` forms."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    first = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    match = re.match(r"^([^\[,]+)\[(\d+)", first)
+    return f"{match.group(1)}{match.group(2)}" if match else first.split(",")[0]
+
+
+def slurm_port(job_id: str, base: int = 20000, span: int = 20000) -> int:
+    """A port derived from the job id, so concurrent jobs on shared nodes do not collide."""
+    return base + int(job_id) % span if job_id.isdigit() else base
+
+
+def discover(env: dict[str, str] | None = None) -> DistEnv:
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "launcher")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
+                       env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+                       int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", ""))), "slurm")
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", "29500")), "single")
+
+
+def init_distributed(dist: DistEnv, backend: str | None = None) -> None:
+    """Export the discovered values and start the process group through DeepSpeed."""
+    import deepspeed
+
+    os.environ.update({"RANK": str(dist.rank), "WORLD_SIZE": str(dist.world_size),
+                       "LOCAL_RANK": str(dist.local_rank), "MASTER_ADDR": dist.master_addr,
+                       "MASTER_PORT": str(dist.master_port)})
+    if backend is None:
+        from deepspeed.accelerator import get_accelerator
+
+        backend = get_accelerator().communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

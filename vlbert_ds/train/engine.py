@@ -1,0 +1,139 @@
+"""The DeepSpeed engine: its JSON filled from the run config, AdamW groups, the learning-rate schedule.
+
+`ds_configs/*.json` hold what is about ZeRO (stage, buckets, offload). Batch sizes, precision,
+optimizer, clipping and accumulation come from the run config, so the two can never disagree: a
+ds_config that sets any of them to a different value is an error before any step runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlbert_ds.train.config import RunConfig
+
+# Keys the engine owns; a ds_config may repeat them only with the same value.
+_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+          "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def read_ds_config(path: str) -> dict[str, Any]:
+    candidate = Path(path)
+    if not candidate.is_file() and not candidate.is_absolute():
+        candidate = repo_root() / path
+    if not candidate.is_file():
+        raise FileNotFoundError(f"train.ds_config: {path} not found")
+    return json.loads(candidate.read_text())
+
+
+def build_ds_config(config: RunConfig, world_size: int, template: dict[str, Any]) -> dict[str, Any]:
+    micro = config.data.vl_per_batch + config.data.text_per_batch
+    wanted: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": config.train.grad_accum,
+        "train_batch_size": micro * config.train.grad_accum * world_size,
+        "gradient_clipping": config.optimizer.grad_clip,
+        "bf16": {"enabled": config.train.precision == "bf16"},
+        "fp16": {"enabled": config.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+    }
+    for key in _OWNED:
+        if key not in template or key in ("optimizer", "scheduler"):
+            continue
+        given, ours = template[key], wanted.get(key)
+        if isinstance(given, dict) and isinstance(ours, dict):
+            if given.get("enabled", ours["enabled"]) != ours["enabled"]:
+                raise ValueError(f"ds_config sets {key}.enabled={given.get('enabled')} but train.precision is "
+                                 f"{config.train.precision!r}; remove it from the JSON or change the precision")
+        elif given != ours:
+            raise ValueError(f"ds_config sets {key}={given!r} but the run config implies {ours!r} "
+                             f"(batch sizes, accumulation, clipping come from the run config)")
+    for key in ("optimizer", "scheduler"):
+        if key in template:
+            raise ValueError(f"ds_config sets {key!r}; the optimizer and schedule come from the run config")
+    ds = {**template, **wanted}
+    if config.checkpoint.load_universal:
+        ds["checkpoint"] = {**template.get("checkpoint", {}), "load_universal": True}
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool,
+                     fresh: set[str] = frozenset(), fresh_lr_multiplier: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases and LayerNorm parameters unless `decay_norm_and_bias`;
+    parameters named in `fresh` get `fresh_lr_multiplier` x the learning rate (`lr_scale`)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        spared = (name.endswith(".bias") or id(param) in norm_params) and not decay_norm_and_bias
+        is_fresh = fresh_lr_multiplier != 1.0 and name in fresh
+        groups.setdefault((spared, is_fresh), []).append(param)
+    return [{"params": params, "weight_decay": 0.0 if spared else weight_decay,
+             "lr_scale": fresh_lr_multiplier if is_fresh else 1.0}
+            for (spared, is_fresh), params in sorted(groups.items())]
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    """Multiplier of the base LR at optimizer step `step` (0-based): linear warm-up, then linear decay to 0."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def build_optimizer(model: nn.Module, config: RunConfig, offload: bool) -> torch.optim.Optimizer:
+    report = getattr(model, "load_report", None)
+    fresh = {n for n in report.fresh if "[" not in n} if report is not None else set()
+    groups = parameter_groups(model, config.optimizer.weight_decay, config.optimizer.decay_norm_and_bias, fresh,
+                              config.optimizer.fresh_lr_multiplier)
+    for group in groups:
+        group["lr"] = config.optimizer.lr * group["lr_scale"]
+    kwargs = dict(lr=config.optimizer.lr, betas=tuple(config.optimizer.betas), eps=config.optimizer.eps)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def make_engine(model: nn.Module, config: RunConfig, world_size: int):
+    import deepspeed
+
+    ds_config = build_ds_config(config, world_size, read_ds_config(config.train.ds_config))
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    optimizer = build_optimizer(model, config, offload)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.optimizer.warmup_steps, config.train.steps, config.optimizer.schedule))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+    return engine, ds_config
+
+
+def grad_norm(engine) -> float:
+    value = engine.get_global_grad_norm()
+    if value is None:
+        return float("nan")
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def finite(value: float) -> bool:
+    return math.isfinite(value)
