@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from torch import nn
@@ -46,12 +47,12 @@ def test_ds_config_filled_from_run_config_and_contradictions_refused():
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
         build_ds_config(config, 4, {"train_micro_batch_size_per_gpu": 16})
-    with pytest.raises(ValueError, match="fp16.enabled"):
+    with pytest.raises(ValueError, match=r"fp16\.enabled"):
         build_ds_config(config, 4, {"fp16": {"enabled": True}})
     with pytest.raises(ValueError, match="optimizer"):
         build_ds_config(config, 4, {"optimizer": {"type": "Adam"}})
     for name in ("zero1", "zero2", "zero3", "zero2_offload"):
-        assert "zero_optimization" in json.loads(open(f"ds_configs/{name}.json").read())
+        assert "zero_optimization" in json.loads(Path(f"ds_configs/{name}.json").read_text())
 
 
 def test_lr_schedule_warmup_then_linear_decay():

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-
 from ranks import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -97,7 +94,7 @@ def test_checkpoint_of_another_model_size_is_refused_before_any_step(default_dat
     out = tmp_path / "size"
     base = [*COMMON, "train.precision=fp32", "train.steps=1", "checkpoint.every=1", f"train.output_dir={out}"]
     run_ranks({"overrides": base, "batches": str(default_data), "num_batches": 1}, 1, tmp_path)
-    report, ranks = run_ranks({"overrides": [*base, "model.bert=", "model.preset=tiny", "train.steps=2"],
+    _, ranks = run_ranks({"overrides": [*base, "model.bert=", "model.preset=tiny", "train.steps=2"],
                                "batches": str(default_data), "num_batches": 2}, 1, tmp_path, expect_ok=False)
     assert ranks[0].returncode != 0 and "is of another model" in ranks[0].stdout
     assert "hidden_size: checkpoint 384 vs config 64" in ranks[0].stdout
@@ -113,3 +110,15 @@ def test_resume_on_another_number_of_ranks_through_a_universal_checkpoint(defaul
     assert sorted(int(k) for k in report["step_losses"]) == [3, 4]
     assert all(v == v and v < 20 for v in report["step_losses"].values())
     assert (out / "checkpoints/step00000004/COMPLETE").is_file()
+
+
+def test_short_pretraining_learns_to_use_the_image(tmp_path):
+    """The main job in small: 2 ranks, bf16, ZeRO-2, the embedded default; grounding must beat the baseline."""
+    report, ranks = run_ranks({"config": "configs/default.yaml",
+                               "overrides": ["train.steps=200", "checkpoint.every=1000", "checkpoint.export=false",
+                                             "tracking.enabled=false", f"train.output_dir={tmp_path / 'ground'}",
+                                             f"data.prepare_default={tmp_path / 'data'}", "train.eval_samples=300"]},
+                              2, tmp_path, timeout=900)
+    final = report["final"]
+    with_image, withheld = final["grounded_mlm_acc_with_image"], final["grounded_mlm_acc_image_withheld"]
+    assert with_image >= withheld + 0.05, (with_image, withheld)

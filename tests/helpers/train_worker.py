@@ -18,7 +18,8 @@ import torch
 def fixed_batches(folder: str, count: int, tokenizer: str):
     from vlbert_ds.data import ExampleConfig, LoaderConfig, PretrainStream, SourceSpec
 
-    config = LoaderConfig(vl_sources=[SourceSpec(f"{folder}/vl/train")], text_sources=[SourceSpec(f"{folder}/text/train")],
+    config = LoaderConfig(vl_sources=[SourceSpec(f"{folder}/vl/train")],
+                          text_sources=[SourceSpec(f"{folder}/text/train")],
                           tokenizer=tokenizer, mode="exact", vl_per_batch=4, text_per_batch=4, num_workers=1,
                           shuffle_buffer=8, example=ExampleConfig(num_region_classes=25))
     stream = iter(PretrainStream(config))

@@ -156,6 +156,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     hint = typing.get_origin(annotation) or annotation
     if annotation is Any:
         return value
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"config: {where} must be a number, got {value!r}") from None
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool):

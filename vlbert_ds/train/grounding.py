@@ -2,20 +2,22 @@
 
 On the held-out scenes of the embedded default, every colour, shape and spatial-relation word of a
 caption is masked (all its WordPieces), nothing else. The same model then predicts them twice: with
-the image (RoI 0 + boxes, nothing hidden) and with the image withheld (the same text as a text-only
-row: no RoIs, the shared learned visual vector). A model that learned visual grounding is clearly
-more accurate with the image; a text-only model can only guess from caption statistics.
+the image (RoI 0 + boxes, nothing hidden) and with the image withheld: every RoI, the whole-image
+RoI 0 included, hidden exactly as masked RoIs are in pretraining (learned feature / zeroed pixels,
+mask-[IMG]), so the input stays in the distribution the model was trained on and only the
+appearance is gone. A model that learned visual grounding is clearly more accurate with the image.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from vlbert_ds.data import storage
-from vlbert_ds.data.examples import TextExample, TokenizerTools, VLExample, collate, decode_image
+from vlbert_ds.data.examples import TokenizerTools, VLExample, collate, decode_image
 from vlbert_ds.data.masking import IGNORE
 from vlbert_ds.data.pipeline import LoaderConfig, ShardPiece, SkipCounter, read_piece
 from vlbert_ds.data.schema import SampleError, decode_vl
@@ -38,7 +40,6 @@ def build_grounding_set(spec: str, tokenizer: str, visual_front_end: str, num_re
     backend = tools.tokenizer.backend_tokenizer
     loader_config = LoaderConfig(vl_sources=[], text_sources=[], tokenizer=tokenizer)
     vl_rows: list[VLExample] = []
-    text_rows: list[TextExample] = []
     skipped = SkipCounter()
     for url in storage.expand_urls(spec):
         for sample in read_piece(ShardPiece(url, -1), loader_config, skipped):
@@ -73,13 +74,15 @@ def build_grounding_set(spec: str, tokenizer: str, visual_front_end: str, num_re
                                      region_selected=np.zeros(count, dtype=bool),
                                      region_targets=np.zeros((0, num_region_classes), dtype=np.float32),
                                      features=features, whole_image_feature=whole, image=image))
-            text_rows.append(TextExample(key=record.key, input_ids=text, mlm_labels=labels))
         if len(vl_rows) >= max_samples:
             break
     if not vl_rows:
         raise ValueError(f"no caption with colour/shape/relation words in {spec}")
     with_image = [collate(vl_rows[i : i + batch_size], []) for i in range(0, len(vl_rows), batch_size)]
-    withheld = [collate([], text_rows[i : i + batch_size]) for i in range(0, len(text_rows), batch_size)]
+    withheld = []
+    for batch in with_image:
+        hidden = dataclasses.replace(batch, region_masked=batch.region_mask.clone())
+        withheld.append(hidden)
     targets = int(sum((r.mlm_labels >= 0).sum() for r in vl_rows))
     return GroundingSet(with_image, withheld, targets)
 

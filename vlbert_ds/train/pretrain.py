@@ -45,7 +45,8 @@ class TrainState:
 
     def to_client_state(self) -> dict[str, Any]:
         # `iteration` and `universal_checkpoint_info` let DeepSpeed's ds_to_universal convert the checkpoint.
-        return {"iteration": self.step, "universal_checkpoint_info": {}, "vlbert_ds": {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
+        return {"iteration": self.step, "universal_checkpoint_info": {},
+                "vlbert_ds": {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
                               "samples": self.samples, "run_id": self.run_id, "history": self.history}}
 
     @classmethod
@@ -95,7 +96,8 @@ def loader_config(config: RunConfig):
 
     data = config.data
     return LoaderConfig(
-        vl_sources=sources(data.vl_sources, data.vl_weights), text_sources=sources(data.text_sources, data.text_weights),
+        vl_sources=sources(data.vl_sources, data.vl_weights),
+        text_sources=sources(data.text_sources, data.text_weights),
         tokenizer=default_bert() if data.tokenizer == "default" else data.tokenizer, mode=data.mode,
         vl_per_batch=data.vl_per_batch, text_per_batch=data.text_per_batch,
         samples_per_epoch=data.samples_per_epoch or None, num_workers=data.num_workers, seed=config.train.seed,
@@ -224,7 +226,7 @@ def run(config: RunConfig, dist: DistEnv, batches=None) -> RunResult:
         stream, loader = build_loader(loader_config(config), dist.rank, dist.world_size, epoch, consumed)
         return stream, iter(loader)
 
-    stream, data = open_epoch(state.epoch, state.consumed)
+    _, data = open_epoch(state.epoch, state.consumed)
     grounding = None
     val_spec = str(Path(config.data.prepare_default) / "vl/val") if config.data.prepare_default else ""
     if batches is None and val_spec and dist.is_main:
@@ -256,7 +258,7 @@ def run(config: RunConfig, dist: DistEnv, batches=None) -> RunResult:
                 item = next(data)
             except StopIteration:  # end of the (virtual) epoch: every rank ends it at the same batch
                 state.epoch, state.consumed = state.epoch + 1, 0
-                stream, data = open_epoch(state.epoch, 0)
+                _, data = open_epoch(state.epoch, 0)
                 item = next(data)
             wait = time.perf_counter() - wait_start
             batch = getattr(item, "batch", item).to(engine.device)
@@ -269,7 +271,8 @@ def run(config: RunConfig, dist: DistEnv, batches=None) -> RunResult:
             for name in ("mlm_vl", "mlm_text", "mrc"):
                 if f"{name}_acc" in out.metrics:
                     count = float(out.metrics[f"{name}_count"])
-                    sums[f"{name}_correct"] = sums.get(f"{name}_correct", 0.0) + float(out.metrics[f"{name}_acc"]) * count
+                    correct = float(out.metrics[f"{name}_acc"]) * count
+                    sums[f"{name}_correct"] = sums.get(f"{name}_correct", 0.0) + correct
                     sums[f"{name}_count"] = sums.get(f"{name}_count", 0.0) + count
             rows = batch.batch_size
             sums["rows"] = sums.get("rows", 0.0) + rows
