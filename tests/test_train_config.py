@@ -20,6 +20,10 @@ def test_yaml_with_overrides_and_types(tmp_path):
     assert config.train.steps == 20 and config.optimizer.lr == 3e-4 and config.optimizer.betas == [0.9, 0.98]
     assert config.data.vl_per_batch == 8 and config.model.overrides == {"hidden_dropout_prob": 0.0}
     assert "train.steps" in config.flat() and config.flat()["optimizer.betas"] == "[0.9, 0.98]"
+    config = load_config(None, ["data.vl_sources=[s3://b/x-{000..009}.tar, s3://b/y-{a,b}.tar]",
+                                "data.text_sources=s3://b/text"])
+    assert config.data.vl_sources == ["s3://b/x-{000..009}.tar", "s3://b/y-{a,b}.tar"]
+    assert config.data.text_sources == ["s3://b/text"]
     toml = tmp_path / "run.toml"
     toml.write_text('[data]\nvl_sources = ["x"]\n[train]\nsteps = 7\n')
     assert load_config(toml).train.steps == 7

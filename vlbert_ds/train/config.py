@@ -169,6 +169,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ValueError(f"config: {where} must be {hint.__name__}, got {value!r}")
     if hint is list:
         (item,) = typing.get_args(annotation) or (Any,)
+        if isinstance(value, str) and item is str:  # one source given without brackets
+            value = [value]
         if not isinstance(value, list):
             raise ValueError(f"config: {where} must be a list, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -202,12 +204,33 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return config
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside braces: `a-{0..3}.tar, b-{x,y}.tar` -> two items."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "{") - (char == "}")
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*items, current.strip()] if current.strip() else items
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value`; the value is YAML, except lists of URLs with brace patterns, kept verbatim."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ValueError(f"override {text!r} must look like section.key=value")
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
-    return section, key, yaml.safe_load(raw) if raw else ""
+    if not raw:
+        return section, key, ""
+    try:
+        return section, key, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        if raw.startswith("[") and raw.endswith("]"):
+            return section, key, _split_top_level(raw[1:-1])
+        return section, key, raw
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
