@@ -224,7 +224,12 @@ def run(config: RunConfig, dist: DistEnv, batches=None) -> RunResult:
         if batches is not None:
             return None, batches
         stream, loader = build_loader(loader_config(config), dist.rank, dist.world_size, epoch, consumed)
-        return stream, iter(loader)
+        # Starting DataLoader workers draws a seed from torch's global generator; keep that draw out of
+        # the training RNG stream (dropout), or a resumed run would diverge from an uninterrupted one.
+        rng = torch.get_rng_state()
+        iterator = iter(loader)
+        torch.set_rng_state(rng)
+        return stream, iterator
 
     _, data = open_epoch(state.epoch, state.consumed)
     grounding = None
