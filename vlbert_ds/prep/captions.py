@@ -21,6 +21,7 @@ import numpy as np
 
 from vlbert_ds.data.schema import SampleError, VLRecord, encode_vl
 from vlbert_ds.prep.images import check_boxes, open_image, read_bytes, resize_and_encode
+from vlbert_ds.prep.lazy import LazyTools
 from vlbert_ds.prep.regions import Regions, open_regions, select_boxes
 
 
@@ -81,8 +82,10 @@ def resolve_image(reference: str, image_root: str) -> str:
     return posixpath.join(image_root.rstrip("/"), reference) if image_root else reference
 
 
-class CaptionSampleMaker:
+class CaptionSampleMaker(LazyTools):
     """Turns one manifest row into one encoded sample; picklable, loads its tools lazily per process."""
+
+    LAZY = ("_tokenizer", "_regions")
 
     def __init__(self, image_root: str, regions: str | None, tokenizer: str, with_images: bool = True,
                  short_side: int = 600, max_long_side: int = 1000, quality: int = 90) -> None:
@@ -90,18 +93,6 @@ class CaptionSampleMaker:
         self.with_images, self.short_side, self.max_long_side, self.quality = (
             with_images, short_side, max_long_side, quality)
         self._regions = self._tokenizer = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_regions": None, "_tokenizer": None}
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import BertTokenizerFast
-
-            self._tokenizer = BertTokenizerFast.from_pretrained(self.tokenizer_folder)
-            self._tokenizer.model_max_length = 1 << 30  # we tokenise long segments on purpose
-        return self._tokenizer
 
     @property
     def regions(self):

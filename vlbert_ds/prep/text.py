@@ -14,6 +14,7 @@ import fsspec
 import numpy as np
 
 from vlbert_ds.data.schema import SampleError, TextRecord, encode_text
+from vlbert_ds.prep.lazy import LazyTools
 
 
 def read_paragraphs(urls: list[str]) -> list[str]:
@@ -44,25 +45,13 @@ def segment_windows(paragraphs: list[str], min_basic_tokens: int = 64) -> list[l
     return windows
 
 
-class TextSegmentMaker:
+class TextSegmentMaker(LazyTools):
     """Tokenises one window into a segment; picklable, tokenizer loaded lazily per process."""
 
     def __init__(self, tokenizer: str, min_basic_tokens: int = 64, max_wordpieces: int = 128) -> None:
         self.tokenizer_folder = tokenizer
         self.min_basic_tokens, self.max_wordpieces = min_basic_tokens, max_wordpieces
         self._tokenizer = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokenizer": None}
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import BertTokenizerFast
-
-            self._tokenizer = BertTokenizerFast.from_pretrained(self.tokenizer_folder)
-            self._tokenizer.model_max_length = 1 << 30  # we tokenise long segments on purpose
-        return self._tokenizer
 
     def __call__(self, window: list[str], shard: int, position: int) -> list[dict[str, Any]]:
         backend = self.tokenizer.backend_tokenizer
