@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from services import free_port
+
 WORKER = Path(__file__).parent / "helpers" / "train_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_ranks(spec: dict, world_size: int, tmp: Path, timeout: float = 600, env_extra: dict | None = None,

