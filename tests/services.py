@@ -131,3 +131,116 @@ def start_mlflow(folder: Path, timeout: float = 90.0) -> MlflowServer:
         time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"mlflow server did not answer within {timeout}s")
+
+
+# ----------------------------------------------------------------------------- Slurm
+SLURM_CONF = """\
+ClusterName=vlbertci
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+AuthType=auth/none
+AuthInfo=cred_expire=5
+CredType=cred/none
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/run/slurmctld.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MailProg=/bin/true
+InactiveLimit=0
+KillWait=30
+MinJobAge=5
+SlurmdTimeout=30
+JobRequeue=1
+NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 Port=[{node_port}-{node_port_end}] CPUs=2 RealMemory=8000 \
+State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+"""
+
+
+def slurm_missing_reason() -> str | None:
+    """Why a local Slurm cannot run here (None when it can): Debian's slurm-wlm, run as root."""
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "scontrol") if shutil.which(b) is None]
+    if missing:
+        return f"slurm-wlm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm"
+    if os.geteuid() != 0:
+        return "the local Slurm test cluster runs its daemons as root"
+    return None
+
+
+@dataclass
+class SlurmCluster:
+    """slurmctld plus two slurmd "nodes" (n1, n2) on this host, auth/none, MinJobAge=5."""
+
+    root: Path
+    conf: Path
+    processes: list[subprocess.Popen]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def run(self, *command: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(list(command), env=self.env(), capture_output=True, text=True, timeout=timeout,
+                              check=check)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((self.root / "log").glob("*.log")))
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def start_slurm(root: Path, timeout: float = 60.0) -> SlurmCluster:
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("state", "spool/n1", "spool/n2", "log", "run"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ctld_port, node_port = free_port(), free_port()
+    while node_port + 1 == ctld_port or not _port_free(node_port + 1):
+        node_port = free_port()
+    conf = root / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), root=root, ctld_port=ctld_port,
+                                      node_port=node_port, node_port_end=node_port + 1))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    commands = [["slurmctld", "-D", "-f", str(conf)], ["slurmd", "-D", "-f", str(conf), "-N", "n1"],
+                ["slurmd", "-D", "-f", str(conf), "-N", "n2"]]
+    processes = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True) for c in commands]
+    cluster = SlurmCluster(root, conf, processes)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+        if states == ["idle", "idle"]:
+            return cluster
+        if any(p.poll() is not None for p in processes):
+            break
+        time.sleep(0.3)
+    cluster.stop()
+    raise RuntimeError(f"Slurm did not come up: {cluster.logs()}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

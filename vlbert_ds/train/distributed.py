@@ -2,8 +2,8 @@
 
 Order (as OpenCLIP's `world_info_from_env`): torchrun / the deepspeed launcher (`RANK`,
 `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), else Slurm (`SLURM_PROCID`,
-`SLURM_NTASKS`, `SLURM_LOCALID`, the first host of `SLURM_JOB_NODELIST`, a port derived from the
-job id), else a single process. DeepSpeed reads no SLURM_* variable and would fall back to mpi4py,
+`SLURM_NTASKS`, `SLURM_LOCALID`, the address of the first host of `SLURM_JOB_NODELIST`, a port
+derived from the job id), else a single process. DeepSpeed reads no SLURM_* variable and would fall back to mpi4py,
 so we export the discovered values before `deepspeed.init_distributed(auto_mpi_discovery=False)`.
 """
 
@@ -23,6 +23,7 @@ class DistEnv:
     master_addr: str
     master_port: int
     source: str  # "launcher", "slurm" or "single"
+    local_world_size: int = 1  # processes on this node (CPU thread budget)
 
     @property
     def is_main(self) -> bool:
@@ -31,16 +32,26 @@ class DistEnv:
 
 def first_slurm_host(nodelist: str) -> str:
     """The first host of a Slurm node list: `scontrol show hostnames`, or a parse of `n[1-3,5]` forms."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.split()
-        if out:
-            return out[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
+    out = _scontrol("show", "hostnames", nodelist).split()
+    if out:
+        return out[0]
     first = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
     match = re.match(r"^([^\[,]+)\[(\d+)", first)
     return f"{match.group(1)}{match.group(2)}" if match else first.split(",")[0]
+
+
+def node_address(node: str) -> str:
+    """The address Slurm itself uses for `node` (its NodeAddr), which need not be a resolvable name."""
+    match = re.search(r"NodeAddr=(\S+)", _scontrol("show", "node", node, "-o"))
+    return match.group(1) if match else node
+
+
+def _scontrol(*args: str) -> str:
+    try:
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def slurm_port(job_id: str, base: int = 20000, span: int = 20000) -> int:
@@ -48,16 +59,27 @@ def slurm_port(job_id: str, base: int = 20000, span: int = 20000) -> int:
     return base + int(job_id) % span if job_id.isdigit() else base
 
 
+def _leading_int(text: str | None) -> int | None:
+    """`2(x4)` (Slurm's per-node task counts) -> 2."""
+    match = re.match(r"\s*(\d+)", text or "")
+    return int(match.group(1)) if match else None
+
+
 def discover(env: dict[str, str] | None = None) -> DistEnv:
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "launcher")
+        world = int(env["WORLD_SIZE"])
+        return DistEnv(int(env["RANK"]), world, int(env.get("LOCAL_RANK", "0")),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "launcher",
+                       _leading_int(env.get("LOCAL_WORLD_SIZE")) or world)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        local_world = (_leading_int(env.get("SLURM_NTASKS_PER_NODE"))
+                       or _leading_int(env.get("SLURM_STEP_TASKS_PER_NODE"))
+                       or _leading_int(env.get("SLURM_TASKS_PER_NODE")) or 1)
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
-                       env.get("MASTER_ADDR") or first_slurm_host(nodelist),
-                       int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", ""))), "slurm")
+                       env.get("MASTER_ADDR") or node_address(first_slurm_host(nodelist)),
+                       int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", ""))), "slurm", local_world)
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", "29500")), "single")
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 
 from vlbert_ds.train.config import RunConfig, load_config
 from vlbert_ds.train.distributed import DistEnv, discover, init_distributed
+from vlbert_ds.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, requeue_slurm_job
 
 log = logging.getLogger("vlbert_ds.pretrain")
 
@@ -65,6 +67,7 @@ class RunResult:
     tracking_uri: str | None
     run_id: str | None
     engine: Any = None
+    preempted: bool = False  # stopped on a scheduler signal after saving a checkpoint
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -133,7 +136,7 @@ def step_metrics(engine, sums: dict[str, float], micro_steps: int) -> dict[str, 
     import torch.distributed as tdist
 
     keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=engine.device)  # NCCL: on the GPU
     if tdist.is_initialized():
         tdist.all_reduce(values)
     world = tdist.get_world_size() if tdist.is_initialized() else 1
@@ -171,6 +174,14 @@ def save_loss_plot(history: list[list[float]], path: Path) -> None:
 # ----------------------------------------------------------------------------- the run
 def run(config: RunConfig, dist: DistEnv, batches=None) -> RunResult:
     """Train. `batches`, if given, replaces the shard loader: an iterator of VLBatch for this rank."""
+    stop = StopRequests()  # before any DataLoader worker is forked, so workers inherit the handlers too
+    try:
+        return _run(config, dist, batches, stop)
+    finally:
+        stop.close()
+
+
+def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunResult:
     import deepspeed  # noqa: F401 (initialised by main)
     import torch.distributed as tdist
 
@@ -320,6 +331,20 @@ def run(config: RunConfig, dist: DistEnv, batches=None) -> RunResult:
         if fault_step and state.step == fault_step:
             sys.stdout.flush()
             os._exit(17)
+        if stop.should_stop(engine.device) and state.step < config.train.steps:
+            if state.step % config.checkpoint.every != 0:
+                checkpoints.save(engine, state.step, state.to_client_state(), model_config)
+            tracker.flush()
+            waited = stop.seconds_since_signal()
+            print(f"rank {dist.rank}: stopping at step {state.step} on a scheduler signal; checkpoint "
+                  f"{checkpoints.latest_tag()} saved" + (f" {waited:.1f}s after the signal" if waited else ""),
+                  flush=True)
+            if progress is not None:
+                progress.close()
+            tracker.set_tags({"vlbert_ds.stopped_at_step": str(state.step)})
+            tracker.finish(status="KILLED")  # a requeued job re-attaches and sets it RUNNING again
+            return RunResult(state, dict(last_metrics), step_losses, str(output), config.checkpoint_dir, None,
+                             tracking_uri, state.run_id, engine, preempted=True)
     if progress is not None:
         progress.close()
 
@@ -381,14 +406,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+        if "OMP_NUM_THREADS" not in os.environ:  # a launcher's or job script's choice wins
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world_size)))
     init_distributed(dist)
+    print(f"rank {dist.rank}/{dist.world_size} (local {dist.local_rank}) on {socket.gethostname()}, "
+          f"ranks from {dist.source}, master {dist.master_addr}:{dist.master_port}", flush=True)
     try:
         result = run(config, dist)
     except (ValueError, FileNotFoundError) as err:
         print(f"vlbert-pretrain: {err}", file=sys.stderr)
         return 2
+    if result.preempted:
+        # Rank 0 requeues the Slurm job (which ends every task); the others wait for that with exit code
+        # 0, so that `srun --kill-on-bad-exit` does not end rank 0 before it has asked.
+        if os.environ.get("VLBERT_REQUEUE_ON_STOP") == "1" and os.environ.get("SLURM_JOB_ID"):
+            return 0 if not dist.is_main or requeue_slurm_job() else PREEMPTED_EXIT_CODE
+        return PREEMPTED_EXIT_CODE
     if dist.is_main:
         print_summary(result)
     return 0
