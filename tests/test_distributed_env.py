@@ -6,7 +6,7 @@ import os
 import signal
 
 from vlbert_ds.train.distributed import discover
-from vlbert_ds.train.preemption import StopRequests, requeue_slurm_job
+from vlbert_ds.train.preemption import StopRequests, requeue_slurm_job, requeue_wanted
 
 
 def test_launcher_variables_win_over_slurm():
@@ -51,8 +51,16 @@ def test_a_stop_signal_sets_the_flag_and_close_restores_the_handler():
     assert signal.getsignal(signal.SIGUSR1) == previous
 
 
-def test_requeue_only_when_the_launcher_opted_in_and_under_the_limit():
-    assert requeue_slurm_job({"SLURM_JOB_ID": "7"}) is None  # not opted in: nothing is run
-    assert requeue_slurm_job({"VLBERT_REQUEUE_ON_STOP": "1"}) is None  # not a Slurm job
-    assert requeue_slurm_job({"VLBERT_REQUEUE_ON_STOP": "1", "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3",
-                              "VLBERT_MAX_REQUEUES": "3"}) is None  # restarted enough
+def test_requeue_only_on_the_warning_signal_when_the_launcher_opted_in():
+    opted = {"VLBERT_REQUEUE_ON_STOP": "1", "SLURM_JOB_ID": "7"}
+    assert requeue_wanted(signal.SIGUSR1, opted)
+    assert not requeue_wanted(signal.SIGTERM, opted)  # scancel sends SIGTERM: a cancel stays a cancel
+    assert requeue_wanted(signal.SIGTERM, {**opted, "VLBERT_REQUEUE_SIGNALS": "USR1,SIGTERM"})
+    assert not requeue_wanted(signal.SIGUSR1, {"SLURM_JOB_ID": "7"})  # not opted in
+    assert not requeue_wanted(signal.SIGUSR1, {"VLBERT_REQUEUE_ON_STOP": "1"})  # not a Slurm job
+    assert not requeue_wanted(None, opted)
+
+
+def test_no_requeue_past_the_restart_limit():
+    assert requeue_slurm_job({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3", "VLBERT_MAX_REQUEUES": "3"}) is None
+    assert requeue_slurm_job({}) is None

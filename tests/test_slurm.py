@@ -135,6 +135,33 @@ def test_warning_signal_checkpoints_requeues_and_resumes_in_the_same_mlflow_run(
     assert history == list(range(1, steps + 1))
 
 
+def test_scancel_saves_a_checkpoint_and_does_not_requeue(slurm, default_data, tmp_path):
+    log = tmp_path / "job.out"
+    out = tmp_path / "run"
+    process = _submit(slurm, "vlbert-slurm-test", log, _overrides(default_data, out, steps=500, extra=(
+        "checkpoint.every=1000", "tracking.enabled=false")))
+    deadline = time.time() + 300
+    while not _steps(out / "metrics.jsonl") or _steps(out / "metrics.jsonl")[-1] < 2:
+        assert process.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+    job_id = slurm.run("squeue", "-h", "-n", "vlbert-slurm-test", "-o", "%i").stdout.split()[0]
+    slurm.run("scancel", job_id)  # SIGTERM to the script and the tasks, SIGKILL after KillWait
+    _wait(process, slurm, log)
+    time.sleep(1)
+    text = log.read_text()
+    stopped = [line for line in text.splitlines() if "stopping at step" in line]
+    assert stopped, text[-4000:]
+    step = int(stopped[0].split("stopping at step ")[1].split()[0])
+    assert (out / "checkpoints" / "latest").read_text() == f"step{step:08d}"  # saved before the SIGKILL
+    assert "requeueing" not in text
+    deadline = time.time() + 60
+    while state := slurm.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip():
+        assert state in ("COMPLETING", "CANCELLED", "COMPLETED"), state  # never PENDING/RUNNING again
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert "restart 1" not in log.read_text()
+
+
 def test_sbatch_file_without_a_config_says_how_to_use_it(slurm, tmp_path):
     log = tmp_path / "job.out"
     env = {**slurm.env(), "VLBERT_PYTHON": sys.executable}

@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import re
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -403,6 +404,19 @@ def build_loader(config: LoaderConfig, rank: int = 0, world_size: int = 1, epoch
     stream = PretrainStream(config, rank, world_size)
     stream.set_epoch(epoch, consumed_batches)
     loader = DataLoader(stream, batch_size=None, num_workers=config.num_workers, collate_fn=_identity,
-                        persistent_workers=False, prefetch_factor=4 if config.num_workers else None)
+                        persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
+                        worker_init_fn=_ignore_scheduler_signals)
     return stream, loader
+
+
+def _ignore_scheduler_signals(worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1: the training process decides when to stop.
+
+    Slurm signals every process of a task. PyTorch's workers die on SIGTERM, and the training process
+    then fails with "DataLoader worker is killed by signal" before it can save its checkpoint. Ignoring
+    it costs nothing: a worker still ends on the loader's shutdown sentinel, or within seconds of its
+    parent's death (the worker watchdog), or on the SIGKILL that follows.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 

@@ -5,11 +5,15 @@ SIGKILL after `KillWait`). A signal only sets a flag here; the training loop ask
 each optimiser step, and all ranks agree through one all-reduce, so every rank saves the same step even
 when the signal reached them at different moments. After the checkpoint:
 
-- under `launch/slurm/pretrain.sbatch` (`VLBERT_REQUEUE_ON_STOP=1`), rank 0 runs `scontrol requeue`
-  for its own job, as PyTorch Lightning does; Slurm ends every task and queues the job again, and the
-  new run resumes from `latest` in the same MLflow run. Rank 0 does it rather than the job script:
-  with `srun --kill-on-bad-exit`, the first rank to exit with a non-zero code would have the others
-  killed, so an exit code cannot carry "stopped, requeue me" reliably from every rank to the script;
+- under `launch/slurm/pretrain.sbatch` (`VLBERT_REQUEUE_ON_STOP=1`) and when the signal was the
+  time-limit warning (SIGUSR1; `VLBERT_REQUEUE_SIGNALS` widens the set), rank 0 runs `scontrol
+  requeue` for its own job, as PyTorch Lightning does; Slurm ends every task and queues the job again,
+  and the new run resumes from `latest` in the same MLflow run. Rank 0 does it rather than the job
+  script: with `srun --kill-on-bad-exit`, the first rank to exit with a non-zero code would have the
+  others killed, so an exit code cannot carry "stopped, requeue me" reliably from every rank;
+- on SIGTERM the checkpoint is saved but the job does not requeue itself by default: `scancel` sends
+  SIGTERM, and a requeue from inside a cancelled job does succeed on Slurm 22.05 (tried), so a user
+  could never cancel. Preemption with `PreemptMode=REQUEUE` is requeued by Slurm itself;
 - otherwise every rank exits with `PREEMPTED_EXIT_CODE`, for whatever restarts the job.
 """
 
@@ -35,12 +39,15 @@ class StopRequests:
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
         self.received: signal.Signals | None = None
         self.received_at: float | None = None
+        self._pid = os.getpid()
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame) -> None:
-        if self.received is None:
+        # Slurm signals every process of the task, DataLoader workers too: they inherit this handler
+        # (installed before they fork) and ignore the signal; the training process decides.
+        if os.getpid() == self._pid and self.received is None:
             self.received, self.received_at = signal.Signals(signum), time.monotonic()
             log.warning("received %s: stopping after this step with a checkpoint", self.received.name)
 
@@ -65,15 +72,24 @@ class StopRequests:
         self._previous = {}
 
 
-def requeue_slurm_job(env: dict[str, str] | None = None) -> str | None:
-    """`scontrol requeue` this job when the launcher asked for it; returns the job id when requeued.
+def requeue_wanted(received: signal.Signals | None, env: dict[str, str] | None = None) -> bool:
+    """Whether the launcher asked for a self-requeue after a stop on `received` (see the module doc)."""
+    env = dict(os.environ if env is None else env)
+    if env.get("VLBERT_REQUEUE_ON_STOP") != "1" or not env.get("SLURM_JOB_ID") or received is None:
+        return False
+    wanted = {name.strip().upper().removeprefix("SIG") for name in env.get("VLBERT_REQUEUE_SIGNALS", "USR1").split(",")}
+    return received.name.removeprefix("SIG") in wanted
 
-    `VLBERT_REQUEUE_ON_STOP=1` (set by our sbatch file) opts in; `VLBERT_MAX_REQUEUES` (default 100)
-    bounds the restarts so that a job failing the same way every time does not loop for ever.
+
+def requeue_slurm_job(env: dict[str, str] | None = None) -> str | None:
+    """`scontrol requeue` this job; returns the job id when requeued.
+
+    `VLBERT_MAX_REQUEUES` (default 100) bounds the restarts so that a job failing the same way every
+    time does not loop for ever.
     """
     env = dict(os.environ if env is None else env)
     job_id = env.get("SLURM_JOB_ID")
-    if env.get("VLBERT_REQUEUE_ON_STOP") != "1" or not job_id:
+    if not job_id:
         return None
     restarts, limit = int(env.get("SLURM_RESTART_COUNT") or 0), int(env.get("VLBERT_MAX_REQUEUES") or 100)
     if restarts >= limit:

@@ -26,7 +26,7 @@ import torch
 
 from vlbert_ds.train.config import RunConfig, load_config
 from vlbert_ds.train.distributed import DistEnv, discover, init_distributed
-from vlbert_ds.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, requeue_slurm_job
+from vlbert_ds.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, requeue_slurm_job, requeue_wanted
 
 log = logging.getLogger("vlbert_ds.pretrain")
 
@@ -68,6 +68,7 @@ class RunResult:
     run_id: str | None
     engine: Any = None
     preempted: bool = False  # stopped on a scheduler signal after saving a checkpoint
+    stop_signal: Any = None  # which signal (a signal.Signals), when preempted
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -344,7 +345,7 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
             tracker.set_tags({"vlbert_ds.stopped_at_step": str(state.step)})
             tracker.finish(status="KILLED")  # a requeued job re-attaches and sets it RUNNING again
             return RunResult(state, dict(last_metrics), step_losses, str(output), config.checkpoint_dir, None,
-                             tracking_uri, state.run_id, engine, preempted=True)
+                             tracking_uri, state.run_id, engine, preempted=True, stop_signal=stop.received)
     if progress is not None:
         progress.close()
 
@@ -418,9 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result.preempted:
         # Rank 0 requeues the Slurm job (which ends every task); the others wait for that with exit code
-        # 0, so that `srun --kill-on-bad-exit` does not end rank 0 before it has asked.
+        # 0, so that `srun --kill-on-bad-exit` does not end rank 0 before it has asked. The signal is
+        # rank 0's; a rank that got none of its own (only the agreement) follows rank 0.
         if os.environ.get("VLBERT_REQUEUE_ON_STOP") == "1" and os.environ.get("SLURM_JOB_ID"):
-            return 0 if not dist.is_main or requeue_slurm_job() else PREEMPTED_EXIT_CODE
+            if not dist.is_main:
+                return 0
+            if requeue_wanted(result.stop_signal) and requeue_slurm_job():
+                return 0
         return PREEMPTED_EXIT_CODE
     if dist.is_main:
         print_summary(result)
