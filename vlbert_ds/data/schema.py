@@ -192,3 +192,58 @@ def decode_text(sample: dict[str, Any]) -> TextRecord:
     if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
         raise SampleError("bad_tokens", f"shape {tokens.shape} dtype {tokens.dtype}")
     return TextRecord(key=sample.get("__key__", ""), tokens=tokens.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- fine-tuning tasks
+TASK_KINDS = ("vqa", "vcr", "refcoco")
+TASK_MEMBERS = frozenset({"json", "jpg", "boxes.npy", "features.npy"})
+
+
+@dataclass
+class TaskRecord:
+    """A fine-tuning item: the image's boxes/features and the task fields of its JSON (see shard-format.md)."""
+
+    key: str
+    kind: str
+    meta: dict[str, Any]
+    image_width: int
+    image_height: int
+    boxes: np.ndarray  # [K, 4] float32, without the whole-image box
+    features: np.ndarray | None = None  # [K, D]
+    jpeg: bytes | None = None
+
+
+def encode_task(record: TaskRecord) -> dict[str, Any]:
+    meta = {**record.meta, "format": FORMAT_VERSION, "kind": record.kind, "image_width": int(record.image_width),
+            "image_height": int(record.image_height), "num_boxes": int(record.boxes.shape[0])}
+    sample: dict[str, Any] = {"__key__": record.key, "json": json.dumps(meta).encode(),
+                              "boxes.npy": npy_bytes(record.boxes.astype(np.float32))}
+    if record.features is not None:
+        sample["features.npy"] = npy_bytes(record.features.astype(np.float16))
+    if record.jpeg is not None:
+        sample["jpg"] = record.jpeg
+    return sample
+
+
+def decode_task(sample: dict[str, Any], kind: str, need_features: bool = True) -> TaskRecord:
+    _check_members(sample, TASK_MEMBERS)
+    meta = _meta(sample, kind)
+    width, height = meta.get("image_width"), meta.get("image_height")
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise SampleError("bad_image_size", f"{width} x {height}")
+    if "boxes.npy" not in sample:
+        raise SampleError("missing_boxes")
+    boxes = load_npy(sample["boxes.npy"], "boxes.npy").astype(np.float32)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.isfinite(boxes).all():
+        raise SampleError("bad_boxes", f"shape {boxes.shape}")
+    features = None
+    if need_features:
+        if "features.npy" not in sample:
+            raise SampleError("missing_features")
+        features = load_npy(sample["features.npy"], "features.npy")
+        if features.ndim != 2 or features.shape[0] != boxes.shape[0]:
+            raise SampleError("bad_features", f"shape {features.shape} for {boxes.shape[0]} boxes")
+        if not all_finite(features):
+            raise SampleError("nonfinite_features")
+    return TaskRecord(key=sample.get("__key__", ""), kind=kind, meta=meta, image_width=width, image_height=height,
+                      boxes=boxes, features=features, jpeg=sample.get("jpg"))

@@ -73,6 +73,8 @@ class VLBertConfig:
     # --- heads ---
     num_region_classes: int = 1601
     with_pooler: bool = False
+    # Fine-tuning heads (vlbert_ds.model.tasks): size of the VQA answer vocabulary (0 = no VQA head).
+    num_answers: int = 0
     with_sentence_image_head: bool = False
 
     # --- runtime ---

@@ -134,3 +134,39 @@ def load_weights(model: nn.Module, folder: str | Path, allowed_missing: tuple[st
     if missing or result.unexpected_keys:
         raise ValueError(f"{path} does not match the model: missing {missing[:8]}, "
                          f"unexpected {result.unexpected_keys[:8]}")
+
+
+def load_renamed_state(model: nn.Module, state: dict[str, Tensor], renames: list[tuple[str, str]],
+                       source: str) -> WeightLoadReport:
+    """Copy `state` tensors whose name starts with a checkpoint prefix into our `(ours, theirs)` prefix.
+
+    Non-strict in the way fine-tuning needs (the official `smart_partial_load_model_state_dict`):
+    heads the checkpoint lacks start fresh and are reported; a shape mismatch is an error.
+    """
+    ours = dict(model.named_parameters())
+    report = WeightLoadReport(source=source)
+    for key, value in state.items():
+        name = next((mine + key[len(theirs):] for mine, theirs in renames if key.startswith(theirs)), None)
+        if name is None or name not in ours:
+            report.unused.append(key)
+            continue
+        if value.shape != ours[name].shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, our {name} has "
+                             f"{tuple(ours[name].shape)}; the config does not match the checkpoint")
+        with torch.no_grad():
+            ours[name].copy_(value)
+        report.loaded.append(name)
+    loaded = set(report.loaded)
+    report.fresh = [n for n in ours if n not in loaded]
+    log.info(report.summary())
+    return report
+
+
+def load_weights_state(model: nn.Module, folder: str | Path, renames: list[tuple[str, str]]) -> WeightLoadReport:
+    """`load_renamed_state` from a save_pretrained folder's safetensors file."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}")
+    return load_renamed_state(model, load_file(str(path)), renames, str(folder))

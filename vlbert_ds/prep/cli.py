@@ -1,4 +1,4 @@
-"""`vlbert-prep`: build WebDataset shards (captions + images/regions, text corpora, the embedded default).
+"""`vlbert-prep`: build WebDataset shards (captions, text corpora, the embedded default, VQA/VCR/RefCOCO+).
 
 Exit status: 0 when something usable was written; 1 when nothing was (every row skipped); 2 for bad
 arguments or an output that cannot be written.
@@ -62,10 +62,60 @@ def build_parser() -> argparse.ArgumentParser:
     default.add_argument("--image-height", type=int, default=240)
     default.add_argument("--samples-per-shard", type=int, default=250)
     default.add_argument("--seed", type=int, default=0)
+    vqa = sub.add_parser("vqa", help="VQA v2 questions (+ annotations) and region features -> task shards")
+    _common(vqa)
+    vqa.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_*_questions.json")
+    vqa.add_argument("--annotations", default=None, help="v2_mscoco_*_annotations.json (absent for test)")
+    vqa.add_argument("--regions", required=True, help="bottom-up-attention TSV file(s) or a folder of frcnn JSON")
+    vqa.add_argument("--build-vocabulary", action="store_true",
+                     help="write <out>/answers.json from these annotations (the training split)")
+    vqa.add_argument("--min-answer-count", type=int, default=9)
+    vqa.add_argument("--max-answers", type=int, default=3129)
+    vqa.add_argument("--samples-per-shard", type=int, default=2000)
+
+    vcr = sub.add_parser("vcr", help="VCR jsonl + per-image metadata + region features -> task shards")
+    _common(vcr)
+    vcr.add_argument("--annotations", required=True, help="train.jsonl / val.jsonl / test.jsonl")
+    vcr.add_argument("--metadata-root", required=True, help="folder that the items' metadata_fn paths live in")
+    vcr.add_argument("--regions", required=True, help="features of the VCR boxes, keyed by metadata file stem")
+    vcr.add_argument("--samples-per-shard", type=int, default=1000)
+
+    refcoco = sub.add_parser("refcoco", help="RefCOCO+ refs (JSON) + COCO instances + region features -> shards")
+    _common(refcoco)
+    refcoco.add_argument("--refs", required=True, help="refs(unc) converted to JSON (we never unpickle)")
+    refcoco.add_argument("--instances", required=True, help="COCO instances_train2014.json")
+    refcoco.add_argument("--split", required=True, help="train, val, testA or testB")
+    refcoco.add_argument("--regions", required=True, help="features of every COCO gt box, keyed by image id")
+    refcoco.add_argument("--samples-per-shard", type=int, default=2000)
     return parser
 
 
+def run_task(args: argparse.Namespace) -> list[PrepSummary]:
+    from vlbert_ds.prep import tasks
+
+    if args.command == "vqa":
+        rows = tasks.vqa_rows(args.questions, args.annotations)
+        if args.build_vocabulary:
+            if not args.annotations:
+                raise ValueError("--build-vocabulary needs --annotations")
+            vocabulary = tasks.build_answer_vocabulary(tasks.read_json(args.annotations)["annotations"],
+                                                       args.min_answer_count, args.max_answers)
+            storage.write_json_atomic(storage.join(args.out, "answers.json"), vocabulary)
+            print(f"answer vocabulary: {len(vocabulary)} answers -> {storage.join(args.out, 'answers.json')}")
+    elif args.command == "vcr":
+        rows = tasks.vcr_rows(args.annotations, args.metadata_root)
+    else:
+        rows = tasks.refcoco_rows(args.refs, args.instances, args.split)
+        if not rows:
+            raise ValueError(f"no RefCOCO+ references in split {args.split!r}")
+    maker = tasks.TaskRowMaker(args.command, args.regions)
+    return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, args.command,
+                          args.processes, args.overwrite)]
+
+
 def run(args: argparse.Namespace) -> list[PrepSummary]:
+    if args.command in ("vqa", "vcr", "refcoco"):
+        return run_task(args)
     tokenizer = args.tokenizer or default_tokenizer()
     if args.command == "captions":
         from vlbert_ds.prep.captions import CaptionSampleMaker, read_manifest

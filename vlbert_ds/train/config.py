@@ -101,6 +101,21 @@ class TrackingSection:
 
 
 @dataclass
+class TaskSection:
+    """Fine-tuning only (`vlbert-finetune`); pretraining ignores it."""
+
+    name: str = ""  # vqa | vcr | refcoco
+    train: str = ""  # task shard spec (see docs/shard-format.md, kinds vqa/vcr/refcoco)
+    val: str = ""
+    init: str = ""  # a pretraining save_pretrained folder; "" = BERT-only initialisation (model.bert)
+    answers: str = ""  # VQA: JSON list of answers (default: answers.json next to the train folder)
+    vcr_mode: str = "q2a"  # q2a | qa2r
+    batch_size: int = 16  # items per rank per micro-batch (VCR: each item is one row per choice)
+    max_text: int = 64
+    eval_every: int = 0  # steps; 0 = at the end only
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -108,6 +123,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    task: TaskSection = field(default_factory=TaskSection)
 
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -119,8 +135,15 @@ class RunConfig:
         need(self.train.steps >= 1, "train.steps must be >= 1")
         need(self.train.grad_accum >= 1, "train.grad_accum must be >= 1")
         need(self.data.mode in ("resampled", "exact"), f"data.mode must be resampled or exact, got {self.data.mode!r}")
-        need(bool(self.data.vl_sources) or bool(self.data.prepare_default),
-             "data.vl_sources is empty (or set data.prepare_default to a folder)")
+        if self.task.name:
+            need(self.task.name in ("vqa", "vcr", "refcoco"), f"task.name must be vqa, vcr or refcoco, "
+                                                               f"got {self.task.name!r}")
+            need(bool(self.task.train), "task.train (the task's training shards) is empty")
+            need(self.task.vcr_mode in ("q2a", "qa2r"), "task.vcr_mode must be q2a or qa2r")
+            need(self.task.batch_size >= 1, "task.batch_size must be >= 1")
+        else:
+            need(bool(self.data.vl_sources) or bool(self.data.prepare_default),
+                 "data.vl_sources is empty (or set data.prepare_default to a folder)")
         need(not self.data.vl_weights or len(self.data.vl_weights) == len(self.data.vl_sources),
              "data.vl_weights needs one weight per data.vl_sources entry")
         need(not self.data.text_weights or len(self.data.text_weights) == len(self.data.text_sources),

@@ -1,0 +1,306 @@
+"""Fine-tuning data: task shards (VQA, VCR, RefCOCO+) -> `TaskBatch`es, streamed per rank.
+
+Task samples are our shard format with `kind` = vqa | vcr | refcoco (docs/shard-format.md): the
+image's boxes and precomputed features, and the task's fields in the JSON. Sequences follow the
+reference §3: `[CLS] Q [SEP] [MASK] [SEP]` (VQA), `[CLS] Q [SEP] A_i [SEP]` per choice (VCR, with
+object tags rendered as words whose visual part is that object's RoI), `[CLS] expression [SEP]`
+(RefCOCO+); then the whole-image RoI 0 and the boxes. Fine-tuning reads the precomputed front end.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlbert_ds.data import storage
+from vlbert_ds.data.examples import TokenizerTools
+from vlbert_ds.data.pipeline import ShardPiece, SkipCounter, _identity, _ignore_scheduler_signals, read_piece, shuffled
+from vlbert_ds.data.schema import TASK_KINDS, SampleError, TaskRecord, decode_task
+from vlbert_ds.model.inputs import VLBatch
+from vlbert_ds.model.tasks import TaskBatch
+
+log = logging.getLogger(__name__)
+
+# VCR renders person tags as gender-neutral names, as the official code does.
+NEUTRAL_NAMES = ("Casey", "Riley", "Jessie", "Jackie", "Avery", "Jaime", "Peyton", "Kerry", "Jody", "Kendall",
+                 "Frankie", "Pat", "Quinn")
+
+
+@dataclass
+class TaskDataConfig:
+    task: str  # vqa | vcr | refcoco
+    tokenizer: str
+    answers: list[str] = field(default_factory=list)  # VQA answer vocabulary (index = class)
+    vcr_mode: str = "q2a"  # q2a | qa2r
+    max_text: int = 64  # text tokens incl. [CLS]/[SEP]s
+    max_regions: int = 100  # boxes kept (RoI 0 not counted)
+    batch_size: int = 16  # items per rank per micro-batch (VCR: items, each num_choices rows)
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    seed: int = 12345
+    train: bool = True  # training drops VQA items with no answer in the vocabulary
+
+    def validate(self) -> None:
+        if self.task not in TASK_KINDS:
+            raise ValueError(f"task must be one of {', '.join(TASK_KINDS)}, got {self.task!r}")
+        if self.task == "vqa" and not self.answers:
+            raise ValueError("VQA needs an answer vocabulary (task.answers: a JSON list file)")
+        if self.vcr_mode not in ("q2a", "qa2r"):
+            raise ValueError(f"vcr_mode must be q2a or qa2r, got {self.vcr_mode!r}")
+
+
+@dataclass
+class TaskExample:
+    key: str
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per sequence: ids, segment ids, visual RoI index
+    boxes: np.ndarray  # [R, 4], RoI 0 = whole image
+    features: np.ndarray  # [R, D] float32, row 0 = mean of the box features
+    image_size: tuple[float, float]
+    answer_position: int = 0
+    answer_target: np.ndarray | None = None
+    choice_label: int = -1
+    region_label: np.ndarray | None = None
+    target_box: np.ndarray | None = None
+
+
+def _iou(boxes: np.ndarray, target: np.ndarray) -> np.ndarray:
+    x1 = np.maximum(boxes[:, 0], target[0])
+    y1 = np.maximum(boxes[:, 1], target[1])
+    x2 = np.minimum(boxes[:, 2], target[2])
+    y2 = np.minimum(boxes[:, 3], target[3])
+    inter = np.clip(x2 - x1 + 1, 0, None) * np.clip(y2 - y1 + 1, 0, None)
+    area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    target_area = (target[2] - target[0] + 1) * (target[3] - target[1] + 1)
+    return inter / (area + target_area - inter)
+
+
+class TaskExampleMaker:
+    """TaskRecord -> TaskExample for one task (a worker builds one; it holds the tokenizer)."""
+
+    def __init__(self, config: TaskDataConfig) -> None:
+        config.validate()
+        self.config = config
+        self.tools = TokenizerTools(config.tokenizer)
+        self.answer_index = {a: i for i, a in enumerate(config.answers)}
+
+    def _pieces(self, text: str) -> list[int]:
+        return self.tools.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _visual(self, record: TaskRecord) -> tuple[np.ndarray, np.ndarray]:
+        width, height = float(record.image_width), float(record.image_height)
+        boxes = record.boxes[: self.config.max_regions].copy()
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width - 1)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height - 1)
+        features = record.features[: self.config.max_regions].astype(np.float32)
+        whole = features.mean(0, keepdims=True) if len(features) else np.zeros((1, features.shape[1]), np.float32)
+        all_boxes = np.concatenate(([[0.0, 0.0, width - 1, height - 1]], boxes)).astype(np.float32)
+        return all_boxes, np.concatenate((whole, features))
+
+    def __call__(self, record: TaskRecord) -> TaskExample:
+        boxes, features = self._visual(record)
+        size = (float(record.image_width), float(record.image_height))
+        meta, tools, limit = record.meta, self.tools, self.config.max_text
+        if record.kind == "vqa":
+            question = self._pieces(str(meta.get("question", "")))[: limit - 4]
+            ids = np.array([tools.cls_id, *question, tools.sep_id, tools.mask_id, tools.sep_id])
+            target = np.zeros(len(self.config.answers), dtype=np.float32)
+            for answer, score in (meta.get("answers") or {}).items():
+                if answer in self.answer_index:
+                    target[self.answer_index[answer]] = float(score)
+            if self.config.train and not target.any():
+                raise SampleError("answer_out_of_vocab", f"{record.key}: no answer in the vocabulary")
+            segments = np.zeros_like(ids)
+            return TaskExample(record.key, [(ids, segments, np.zeros_like(ids))], boxes, features, size,
+                               answer_position=len(question) + 2, answer_target=target)
+        if record.kind == "refcoco":
+            expression = self._pieces(str(meta.get("expression", "")))[: limit - 2]
+            if not expression:
+                raise SampleError("empty_expression", record.key)
+            ids = np.array([tools.cls_id, *expression, tools.sep_id])
+            target = np.asarray(meta["target_box"], dtype=np.float32)
+            labels = (_iou(boxes, target) > 0.5).astype(np.float32)
+            labels[0] = 0.0
+            return TaskExample(record.key, [(ids, np.zeros_like(ids), np.zeros_like(ids))], boxes, features, size,
+                               region_label=labels, target_box=target)
+        return self._vcr(record, boxes, features, size)
+
+    def _vcr(self, record: TaskRecord, boxes, features, size) -> TaskExample:
+        meta, tools = record.meta, self.tools
+        names = list(meta.get("object_names") or [])
+        person_names, seen_people = {}, 0
+        for i, name in enumerate(names):
+            if name == "person":
+                person_names[i] = NEUTRAL_NAMES[seen_people % len(NEUTRAL_NAMES)]
+                seen_people += 1
+        kept = boxes.shape[0] - 1
+
+        def render(tokens: list) -> tuple[list[int], list[int]]:
+            ids, visual = [], []
+            for token in tokens:
+                if isinstance(token, list):  # an object tag: one or more detection indices
+                    for n, obj in enumerate(token):
+                        if not isinstance(obj, int) or not 0 <= obj < len(names):
+                            raise SampleError("bad_object_tag", f"{record.key}: tag {obj} of {len(names)} objects")
+                        if n:
+                            ids.append(self._pieces("and")[0])
+                            visual.append(0)
+                        pieces = self._pieces(person_names.get(obj, names[obj]))
+                        ids += pieces
+                        visual += [obj + 1 if obj < kept else 0] * len(pieces)
+                else:
+                    pieces = self._pieces(str(token))
+                    ids += pieces
+                    visual += [0] * len(pieces)
+            return ids, visual
+
+        question = render(meta["question"])
+        if self.config.vcr_mode == "q2a":
+            context, choices, label = question, meta["answer_choices"], meta.get("answer_label", -1)
+        else:
+            answer = render(meta["answer_choices"][meta["answer_label"]])
+            context = (question[0] + answer[0], question[1] + answer[1])
+            choices, label = meta["rationale_choices"], meta.get("rationale_label", -1)
+        rows = []
+        for choice in choices:
+            first, second = list(context[0]), list(context[1])
+            ids_b, vis_b = render(choice)
+            # Trim the longer part until [CLS] A [SEP] B [SEP] fits (QA->R trims the context first).
+            while len(first) + len(ids_b) + 3 > self.config.max_text:
+                if len(first) >= len(ids_b):
+                    first, second = first[:-1], second[:-1]
+                else:
+                    ids_b, vis_b = ids_b[:-1], vis_b[:-1]
+            ids = np.array([tools.cls_id, *first, tools.sep_id, *ids_b, tools.sep_id])
+            segments = np.array([0] * (len(first) + 2) + [1] * (len(ids_b) + 1))
+            visual = np.array([0, *second, 0, *vis_b, 0])
+            rows.append((ids, segments, visual))
+        return TaskExample(record.key, rows, boxes, features, size, choice_label=int(label))
+
+
+def collate_task(examples: list[TaskExample], task: str) -> TaskBatch:
+    rows = [row for example in examples for row in example.rows]
+    count = len(rows)
+    text_slots = max(ids.size for ids, _, _ in rows)
+    region_slots = max(e.boxes.shape[0] for e in examples)
+    dim = examples[0].features.shape[1]
+    input_ids = torch.zeros(count, text_slots, dtype=torch.long)
+    text_mask = torch.zeros(count, text_slots, dtype=torch.bool)
+    segments = torch.zeros(count, text_slots, dtype=torch.long)
+    visual_index = torch.zeros(count, text_slots, dtype=torch.long)
+    boxes = torch.zeros(count, region_slots, 4)
+    region_mask = torch.zeros(count, region_slots, dtype=torch.bool)
+    features = torch.zeros(count, region_slots, dim)
+    image_size = torch.zeros(count, 2)
+    row = 0
+    for example in examples:
+        k = example.boxes.shape[0]
+        for ids, segs, visual in example.rows:
+            n = ids.size
+            input_ids[row, :n] = torch.from_numpy(ids)
+            text_mask[row, :n] = True
+            segments[row, :n] = torch.from_numpy(segs)
+            visual_index[row, :n] = torch.from_numpy(visual)
+            boxes[row, :k] = torch.from_numpy(example.boxes)
+            region_mask[row, :k] = True
+            features[row, :k] = torch.from_numpy(example.features)
+            image_size[row] = torch.tensor(example.image_size)
+            row += 1
+    batch = VLBatch(input_ids=input_ids, text_mask=text_mask, token_type_ids=segments,
+                    has_image=torch.ones(count, dtype=torch.bool), boxes=boxes, region_mask=region_mask,
+                    image_size=image_size, region_features=features,
+                    text_visual_index=visual_index if task == "vcr" else None)
+    out = TaskBatch(batch=batch, keys=[e.key for e in examples])
+    if task == "vqa":
+        out.answer_positions = torch.tensor([e.answer_position for e in examples])
+        out.answer_targets = torch.from_numpy(np.stack([e.answer_target for e in examples]))
+    elif task == "vcr":
+        out.num_choices = len(examples[0].rows)
+        out.choice_labels = torch.tensor([e.choice_label for e in examples])
+    else:
+        labels = torch.zeros(count, region_slots)
+        for i, e in enumerate(examples):
+            labels[i, : e.region_label.size] = torch.from_numpy(e.region_label)
+        out.region_labels = labels
+        out.target_boxes = torch.from_numpy(np.stack([e.target_box for e in examples]))
+    return out
+
+
+class TaskStream(IterableDataset):
+    """Micro-batches of one rank: shards split over ranks and workers (samples when shards are few)."""
+
+    def __init__(self, spec: str, config: TaskDataConfig, rank: int = 0, world_size: int = 1,
+                 loop: bool = True) -> None:
+        super().__init__()
+        config.validate()
+        self.urls = storage.expand_urls(spec)
+        if not self.urls:
+            raise FileNotFoundError(f"no shards at {spec}")
+        self.config, self.rank, self.world_size, self.loop = config, rank, world_size, loop
+        self.epoch = 0
+        self.skipped = SkipCounter()
+
+    def _pieces(self, worker: int, workers: int, epoch: int) -> list[ShardPiece]:
+        readers, reader = self.world_size * workers, self.rank * workers + worker
+        urls = list(self.urls)
+        if self.config.train:
+            random.Random(self.config.seed + epoch).shuffle(urls)
+        if len(urls) >= readers:
+            return [ShardPiece(url, 0) for url in urls[reader::readers]]
+        return [ShardPiece(url, 0, readers, reader) for url in urls]  # every `readers`-th sample of each
+
+    def __iter__(self) -> Iterator[TaskLoaderBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        maker = TaskExampleMaker(self.config)
+        epoch = self.epoch
+        pending: list[TaskExample] = []
+        while True:
+            samples: Iterator[dict[str, Any]] = (s for piece in self._pieces(worker, workers, epoch)
+                                                 for s in read_piece(piece, _READ, self.skipped))
+            if self.config.train:
+                samples = shuffled(samples, self.config.shuffle_buffer, random.Random(
+                    f"{self.config.seed}/{epoch}/{self.rank}/{worker}"))
+            for sample in samples:
+                try:
+                    pending.append(maker(decode_task(sample, self.config.task)))
+                except SampleError as err:
+                    self.skipped[err.reason] += 1
+                    if err.reason != "answer_out_of_vocab":
+                        log.warning("skipping %s: %s", sample.get("__key__"), err)
+                    continue
+                if len(pending) == self.config.batch_size:
+                    yield TaskLoaderBatch(collate_task(pending, self.config.task), self.skipped.take())
+                    pending = []
+            epoch += 1
+            if not self.loop:
+                break
+        if pending:
+            yield TaskLoaderBatch(collate_task(pending, self.config.task), self.skipped.take())
+
+
+@dataclass
+class TaskLoaderBatch:
+    task: TaskBatch
+    skipped: dict[str, int]  # items dropped since the previous batch, by reason (answer_out_of_vocab, ...)
+
+
+@dataclass
+class _ReadSettings:  # what read_piece needs from a loader config
+    shard_open_attempts: int = 5
+    shard_retry_delay: float = 0.5
+
+
+_READ = _ReadSettings()
+
+
+def task_loader(spec: str, config: TaskDataConfig, rank: int = 0, world_size: int = 1, loop: bool = True):
+    stream = TaskStream(spec, config, rank, world_size, loop)
+    return DataLoader(stream, batch_size=None, num_workers=config.num_workers, collate_fn=_identity,
+                      persistent_workers=False, worker_init_fn=_ignore_scheduler_signals)

@@ -1,0 +1,136 @@
+"""`vlbert-finetune --task all --quick`: does our pretraining help? The analogue of the paper's Table 4.
+
+On the synthetic VQA, VCR (Q->A, QA->R, joint Q->AR) and RefCOCO+ tasks (prep/synthetic_tasks.py),
+fine-tune (a) from a VL-BERT pretraining checkpoint and (b) from the BERT checkpoint alone, with the
+same recipe, steps and seed, and write `ablation.md` (table), `ablation.png` (bar plot) and
+`ablation.json`. Without `--init` a short pretraining on the embedded default runs first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlbert_ds.train.config import load_config
+from vlbert_ds.train.distributed import discover
+
+# (name in the table, task, VCR mode)
+RUNS = (("VQA", "vqa", "q2a"), ("VCR Q->A", "vcr", "q2a"), ("VCR QA->R", "vcr", "qa2r"),
+        ("RefCOCO+", "refcoco", "q2a"))
+INITS = ("pretrained", "bert_only")
+# Shared by the pretraining and the BERT-only model: the visual LayerNorm gain start (configs/default.yaml).
+MODEL_OVERRIDES = 'model.overrides={"visual_ln_gain_init": 0.05}'
+
+
+@dataclass
+class Budget:
+    pretrain_steps: int
+    finetune_steps: int
+    train_scenes: int
+    val_scenes: int
+
+
+QUICK = Budget(pretrain_steps=300, finetune_steps=150, train_scenes=2000, val_scenes=400)
+FULL = Budget(pretrain_steps=1500, finetune_steps=600, train_scenes=8000, val_scenes=1000)
+
+
+def pretrain_for_ablation(output: Path, steps: int) -> str:
+    """A short single-process pretraining on the embedded default; returns its exported folder."""
+    from vlbert_ds.train.pretrain import run
+
+    exported = output / "pretrain" / "pretrained"
+    if (exported / "config.json").is_file():
+        print(f"using the pretraining already in {exported}", flush=True)
+        return str(exported)
+    config = load_config(None, [
+        "model.bert=default", "model.num_region_classes=25", MODEL_OVERRIDES,
+        f"data.prepare_default={output / 'default-data'}", "data.mode=resampled", "data.samples_per_epoch=3000",
+        "data.vl_per_batch=16", "data.text_per_batch=16", "data.num_workers=1", "optimizer.lr=2e-4",
+        "optimizer.warmup_steps=30", "optimizer.fresh_lr_multiplier=10", f"train.steps={steps}",
+        "train.log_every=50", f"train.output_dir={output / 'pretrain'}", f"checkpoint.every={steps}",
+        "checkpoint.keep=1", "tracking.experiment=vlbert_ds-ablation-pretrain"])
+    result = run(config, discover())
+    return str(result.export_dir)
+
+
+def run_ablation(output: str, init: str | None, quick: bool = True, overrides: list[str] = ()) -> int:
+    from vlbert_ds.prep.synthetic_tasks import prepare_synthetic_tasks, synthetic_ready
+    from vlbert_ds.train.finetune import finetune
+
+    budget = QUICK if quick else FULL
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "tasks"
+    if not synthetic_ready(str(data), ("vqa", "vcr", "refcoco")):
+        print(f"writing the synthetic tasks into {data} ...", flush=True)
+        for summary in prepare_synthetic_tasks(str(data), train_scenes=budget.train_scenes,
+                                               val_scenes=budget.val_scenes, overwrite=True):
+            print(summary.table(), flush=True)
+    init = init or pretrain_for_ablation(out, budget.pretrain_steps)
+
+    results: dict[str, dict[str, float]] = {name: {} for name, _, _ in RUNS}
+    predictions: dict[tuple[str, str], dict[str, bool]] = {}
+    for name, task, mode in RUNS:
+        for which in INITS:
+            run_dir = out / f"{task}-{mode}-{which}" if task == "vcr" else out / f"{task}-{which}"
+            config = load_config(None, [
+                f"task.name={task}", f"task.train={data / task / 'train'}", f"task.val={data / task / 'val'}",
+                f"task.init={init if which == 'pretrained' else ''}", f"task.vcr_mode={mode}",
+                "task.batch_size=16" if task != "vcr" else "task.batch_size=8",
+                "model.bert=default", "model.num_region_classes=25", MODEL_OVERRIDES,
+                "optimizer.lr=1e-4", "optimizer.warmup_steps=15", "optimizer.fresh_lr_multiplier=10",
+                f"train.steps={budget.finetune_steps}", "train.log_every=0", "data.num_workers=1",
+                f"train.output_dir={run_dir}", f"checkpoint.every={budget.finetune_steps}", "checkpoint.keep=1",
+                "checkpoint.resume=false", "checkpoint.export=false", "tracking.experiment=vlbert_ds-ablation",
+                f"tracking.run_name={task}-{mode}-{which}", *overrides])
+            print(f"\n== {name}: fine-tuning from {which} ({budget.finetune_steps} steps) ==", flush=True)
+            result = finetune(config, discover())
+            results[name][which] = next(iter(result.val_metrics.values()))
+            predictions[(name, which)] = result.predictions
+    joint = {}
+    for which in INITS:
+        q2a, qa2r = predictions[("VCR Q->A", which)], predictions[("VCR QA->R", which)]
+        common = sorted(set(q2a) & set(qa2r))
+        joint[which] = sum(q2a[k] and qa2r[k] for k in common) / max(1, len(common))
+    results["VCR Q->AR"] = joint
+    write_report(out, results, init, budget)
+    return 0
+
+
+def write_report(out: Path, results: dict[str, dict[str, float]], init: str, budget: Budget) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("VQA", "VCR Q->A", "VCR QA->R", "VCR Q->AR", "RefCOCO+") if n in results]
+    lines = ["| task (synthetic, val) | pretrained VL-BERT | BERT only | gain |", "|---|---|---|---|"]
+    for name in names:
+        a, b = results[name]["pretrained"], results[name]["bert_only"]
+        lines.append(f"| {name} | {100 * a:.1f} | {100 * b:.1f} | {100 * (a - b):+.1f} |")
+    table = "\n".join(lines)
+    verdict = [f"- {n}: pretrained {'beats' if results[n]['pretrained'] > results[n]['bert_only'] else 'does NOT beat'}"
+               f" BERT-only" for n in names]
+    text = (f"# Fine-tuning ablation (synthetic tasks)\n\nPretrained weights: `{init}`. Same recipe, "
+            f"{budget.finetune_steps} fine-tuning steps, same seed for both. Metric: VQA accuracy (VQA), "
+            f"accuracy (VCR), accuracy of the top box at IoU >= 0.5 (RefCOCO+), in %.\n\n{table}\n\n"
+            + "\n".join(verdict) + "\n")
+    (out / "ablation.md").write_text(text)
+    (out / "ablation.json").write_text(json.dumps({"results": results, "init": init,
+                                                   "budget": budget.__dict__}, indent=1))
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
+    width = 0.38
+    xs = range(len(names))
+    ax.bar([x - width / 2 for x in xs], [100 * results[n]["pretrained"] for n in names], width,
+           label="pretrained VL-BERT")
+    ax.bar([x + width / 2 for x in xs], [100 * results[n]["bert_only"] for n in names], width, label="BERT only")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png")
+    plt.close(fig)
+    print("\n" + text + f"\nwritten: {out / 'ablation.md'}, {out / 'ablation.png'}", flush=True)

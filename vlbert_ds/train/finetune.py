@@ -1,0 +1,303 @@
+"""`vlbert-finetune`: VQA, VCR or RefCOCO+ on the same DeepSpeed engine, checkpoints and MLflow as pretraining.
+
+    vlbert-finetune --task vqa --config FILE --init PRETRAINED [section.key=value ...]
+    vlbert-finetune --task all --quick [--init PRETRAINED]     # synthetic tasks, pretrained vs BERT-only
+
+`--init` is a pretraining `save_pretrained` folder (`<output_dir>/pretrained` of vlbert-pretrain);
+without it the model starts from `model.bert` alone (the "no pretraining" baseline). Heads, losses
+and metrics are in `vlbert_ds.model.tasks`, sequences in `vlbert_ds.data.tasks`. `--task all --quick`
+is `vlbert_ds.train.ablation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlbert_ds.train.config import RunConfig, load_config
+from vlbert_ds.train.distributed import DistEnv, discover, init_distributed
+from vlbert_ds.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, requeue_slurm_job, requeue_wanted
+from vlbert_ds.train.pretrain import TrainState, default_bert
+
+log = logging.getLogger("vlbert_ds.finetune")
+METRIC_NAMES = {"vqa": "vqa_accuracy", "vcr": "accuracy", "refcoco": "accuracy_iou50"}
+
+
+@dataclass
+class FinetuneResult:
+    state: TrainState
+    val_metrics: dict[str, float]
+    predictions: dict[str, bool]  # item id -> correct (VCR joint Q->AR combines two runs by id)
+    output_dir: str
+    export_dir: str | None
+    run_id: str | None
+    preempted: bool = False
+    stop_signal: Any = None
+
+
+def answer_vocabulary(config: RunConfig) -> list[str]:
+    if config.task.name != "vqa":
+        return []
+    path = Path(config.task.answers or Path(config.task.train).parent / "answers.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"VQA answer vocabulary not found: {path} (set task.answers)")
+    answers = json.loads(path.read_text())
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{path}: expected a JSON list of answer strings")
+    return answers
+
+
+def build_task_model(config: RunConfig, num_answers: int):
+    from vlbert_ds.model.tasks import TASK_MODELS
+
+    cls = TASK_MODELS[config.task.name]
+    overrides = dict(config.model.overrides, visual_front_end="precomputed",
+                     num_region_classes=config.model.num_region_classes)
+    if config.task.name == "vqa":
+        overrides["num_answers"] = num_answers
+    if config.task.name == "vcr":
+        overrides["with_pooler"] = True
+    if config.task.init:
+        return cls.from_pretraining(config.task.init, **overrides)
+    bert = default_bert() if config.model.bert in ("", "default") else config.model.bert
+    return cls.from_bert(bert, **overrides)
+
+
+def data_config(config: RunConfig, answers: list[str], train: bool):
+    from vlbert_ds.data.tasks import TaskDataConfig
+
+    tokenizer = default_bert() if config.data.tokenizer == "default" else config.data.tokenizer
+    return TaskDataConfig(task=config.task.name, tokenizer=tokenizer, answers=answers,
+                          vcr_mode=config.task.vcr_mode, max_text=config.task.max_text,
+                          batch_size=config.task.batch_size, num_workers=config.data.num_workers if train else 0,
+                          shuffle_buffer=config.data.shuffle_buffer, seed=config.train.seed, train=train)
+
+
+@torch.no_grad()
+def evaluate(model, config: RunConfig, answers: list[str], device) -> tuple[dict[str, float], dict[str, bool]]:
+    """The task metric over the whole validation split, on this process (rank 0)."""
+    from vlbert_ds.data.tasks import TaskStream
+
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    predictions: dict[str, bool] = {}
+    for item in TaskStream(config.task.val, data_config(config, answers, train=False), loop=False):
+        task = item.task.to(device)
+        out = model(task)
+        if config.task.name == "vqa":
+            scores = task.answer_targets.float().gather(1, out.logits.argmax(1, keepdim=True)).squeeze(1)
+            total += float(scores.sum())
+            right = (scores > 0).tolist()
+        elif config.task.name == "vcr":
+            right = (out.logits.argmax(1) == task.choice_labels).tolist()
+            total += sum(right)
+        else:
+            right = [float(v) > 0 for v in _referring_correct(task, out.logits)]
+            total += sum(right)
+        count += len(right)
+        predictions.update(zip(task.keys, right, strict=True))
+    model.train(was_training)
+    return {METRIC_NAMES[config.task.name]: total / max(1.0, count), "val_items": count}, predictions
+
+
+def _referring_correct(task, logits):
+    from torchvision.ops import box_iou
+
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    chosen = task.batch.boxes[rows, logits.argmax(1)].float()
+    return (box_iou(chosen, task.target_boxes.float()).diagonal() >= 0.5).float()
+
+
+def finetune(config: RunConfig, dist: DistEnv) -> FinetuneResult:
+    stop = StopRequests()
+    try:
+        return _finetune(config, dist, stop)
+    finally:
+        stop.close()
+
+
+def _finetune(config: RunConfig, dist: DistEnv, stop: StopRequests) -> FinetuneResult:
+    import torch.distributed as tdist
+
+    from vlbert_ds.data.tasks import task_loader
+    from vlbert_ds.train.checkpoint import CheckpointManager, check_same_model, export_pretrained
+    from vlbert_ds.train.engine import grad_norm, make_engine
+    from vlbert_ds.train.tracking import Tracker, resolve_uri
+
+    torch.manual_seed(config.train.seed + dist.rank)
+    output = Path(config.train.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        print("resolved config:\n" + config.to_yaml(), flush=True)
+        (output / "resolved_config.yaml").write_text(config.to_yaml())
+    answers = answer_vocabulary(config)
+    model = build_task_model(config, len(answers))
+    if dist.is_main and model.load_report is not None:
+        print(model.load_report.summary(), flush=True)
+    model_config = model.config.to_dict()
+    config.data.vl_per_batch, config.data.text_per_batch = config.task.batch_size, 0  # DeepSpeed's micro-batch
+    engine, ds_config = make_engine(model, config, dist.world_size)
+    checkpoints = CheckpointManager(config.checkpoint_dir, config.checkpoint.keep, dist.rank)
+    state = TrainState()
+    tag = checkpoints.latest_tag() if config.checkpoint.resume else None
+    if tag is not None:
+        check_same_model(checkpoints.model_config(tag), model_config, str(Path(config.checkpoint_dir) / tag))
+        state = TrainState.from_client_state(checkpoints.load(engine, tag))
+        if dist.is_main:
+            print(f"resumed from {tag}: step {state.step}", flush=True)
+
+    tracker = Tracker(enabled=config.tracking.enabled and dist.is_main)
+    if tracker.enabled:
+        uri = resolve_uri(config.tracking.uri, str(output))
+        tracker.start(uri, config.tracking.experiment, config.tracking.run_name, state.run_id, str(output))
+        state.run_id = tracker.run_id
+        tracker.log_params({**config.flat(), "world_size": dist.world_size})
+        tracker.log_text(json.dumps(ds_config, indent=2), "config/ds_config.json")
+
+    # Data: epoch-seeded shuffles; a resumed run starts a fresh pass (fine-tuning keeps no exact position).
+    data_cfg = data_config(config, answers, train=True)
+    data_cfg.seed = config.train.seed + 1000 * state.epoch + state.step
+    data = iter(task_loader(config.task.train, data_cfg, dist.rank, dist.world_size))
+    metric_name = METRIC_NAMES[config.task.name]
+    metrics_log = output / "metrics.jsonl"
+    progress = None
+    if dist.is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=config.train.steps, initial=state.step, desc=f"finetune {config.task.name}",
+                        unit="step", dynamic_ncols=True, file=sys.stdout, disable=None)
+    engine.train()
+    skipped: dict[str, float] = {}
+    val: dict[str, float] = {}
+    predictions: dict[str, bool] = {}
+    while state.step < config.train.steps:
+        start = time.perf_counter()
+        losses, correct, count = [], 0.0, 0.0
+        for _ in range(config.train.grad_accum):
+            item = next(data)
+            for reason, n in item.skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            out = engine(item.task.to(engine.device))
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(float(out.loss.detach()))
+            correct += float(out.metrics.get("correct", out.metrics.get("vqa_score", 0.0)))
+            count += float(out.metrics["count"])
+        state.step += 1
+        reduced = torch.tensor([sum(losses) / len(losses), correct, count], dtype=torch.float64, device=engine.device)
+        if tdist.is_initialized():
+            tdist.all_reduce(reduced)
+        world = dist.world_size
+        train_metric = float(reduced[1] / reduced[2].clamp(min=1))
+        metrics = {"loss": float(reduced[0]) / world, f"train_{metric_name}": train_metric,
+                   "lr": engine.get_lr()[0], "grad_norm": grad_norm(engine),
+                   "items_per_s": float(reduced[2]) / (time.perf_counter() - start)}
+        metrics.update({f"skipped/{k}": v for k, v in skipped.items()})
+        if not math.isfinite(metrics["loss"]):
+            log.warning("step %d: non-finite loss %s", state.step, metrics["loss"])
+        state.history.append([state.step, metrics["loss"]])
+        if dist.is_main and config.task.val and config.task.eval_every and state.step % config.task.eval_every == 0:
+            val, predictions = evaluate(engine.module, config, answers, engine.device)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+        tracker.queue_metrics(state.step, metrics)
+        if dist.is_main:
+            with open(metrics_log, "a") as handle:
+                handle.write(json.dumps({"step": state.step, **metrics}) + "\n")
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics[f'train_{metric_name}']:.2f}")
+        if state.step % config.checkpoint.every == 0 or state.step == config.train.steps:
+            checkpoints.save(engine, state.step, state.to_client_state(), model_config)
+            tracker.flush()
+        if stop.should_stop(engine.device) and state.step < config.train.steps:
+            if state.step % config.checkpoint.every != 0:
+                checkpoints.save(engine, state.step, state.to_client_state(), model_config)
+            tracker.flush()
+            print(f"rank {dist.rank}: stopping at step {state.step} on a scheduler signal; checkpoint saved",
+                  flush=True)
+            tracker.finish(status="KILLED")
+            return FinetuneResult(state, {}, {}, str(output), None, state.run_id, True, stop.received)
+    if progress is not None:
+        progress.close()
+
+    export_dir = None
+    if tdist.is_initialized():
+        tdist.barrier()
+    if dist.is_main:
+        if config.task.val:
+            val, predictions = evaluate(engine.module, config, answers, engine.device)
+            tracker.queue_metrics(state.step, {f"val_{k}": v for k, v in val.items()})
+            print(f"{config.task.name} validation: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()), flush=True)
+        if config.checkpoint.export:
+            export_dir = str(output / "finetuned")
+            export_pretrained(config.checkpoint_dir, checkpoints.latest_tag(), type(engine.module),
+                              engine.module.config, export_dir)
+        (output / "val_metrics.json").write_text(json.dumps({"val": val, "skipped": skipped}, indent=1))
+        tracker.finish()
+    if tdist.is_initialized():
+        tdist.barrier()
+    return FinetuneResult(state, val, predictions, str(output), export_dir, state.run_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlbert-finetune", description=__doc__.splitlines()[0])
+    parser.add_argument("--task", required=True, choices=["vqa", "vcr", "refcoco", "all"])
+    parser.add_argument("--config", help="YAML or TOML run config")
+    parser.add_argument("--init", default=None, help="pretrained save_pretrained folder (task.init)")
+    parser.add_argument("--quick", action="store_true", help="with --task all: the synthetic ablation")
+    parser.add_argument("--output", default="runs/finetune-ablation", help="with --task all")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    dist = discover()
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                        format=f"[rank {dist.rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world_size)))
+    if args.task == "all":
+        from vlbert_ds.train.ablation import run_ablation
+
+        if dist.world_size != 1:
+            print("vlbert-finetune --task all runs in one process", file=sys.stderr)
+            return 2
+        init_distributed(dist)
+        return run_ablation(args.output, args.init, quick=args.quick, overrides=args.overrides)
+    overrides = [f"task.name={args.task}", *([f"task.init={args.init}"] if args.init else []), *args.overrides]
+    try:
+        config = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vlbert-finetune: {err}", file=sys.stderr)
+        return 2
+    init_distributed(dist)
+    try:
+        result = finetune(config, dist)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vlbert-finetune: {err}", file=sys.stderr)
+        return 2
+    if result.preempted:
+        if os.environ.get("VLBERT_REQUEUE_ON_STOP") == "1" and os.environ.get("SLURM_JOB_ID"):
+            if not dist.is_main:
+                return 0
+            if requeue_wanted(result.stop_signal) and requeue_slurm_job():
+                return 0
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
