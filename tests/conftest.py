@@ -66,3 +66,13 @@ def default_data(tmp_path_factory, minilm_folder) -> Path:
     prepare_default(str(out), str(minilm_folder), num_images=160, num_val_images=40, num_text_segments=120,
                     samples_per_shard=20, processes=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_tasks(tmp_path_factory) -> Path:
+    """Synthetic VQA / VCR / RefCOCO+ shards from the default scenes: 160 train and 48 val scenes each."""
+    from vlbert_ds.prep.synthetic_tasks import prepare_synthetic_tasks
+
+    out = tmp_path_factory.mktemp("synthetic-tasks")
+    prepare_synthetic_tasks(str(out), train_scenes=160, val_scenes=48, samples_per_shard=40, processes=1)
+    return out

@@ -199,6 +199,12 @@ class SlurmCluster:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((self.root / "log").glob("*.log")))
 
     def stop(self) -> None:
+        # End every job first, so that no slurmstepd outlives its slurmd.
+        with contextlib.suppress(Exception):
+            self.run("scancel", "--full", "--user", "root", check=False, timeout=10)
+            deadline = time.time() + 40
+            while time.time() < deadline and self.run("squeue", "-h", check=False, timeout=10).stdout.strip():
+                time.sleep(0.5)
         for process in self.processes:
             if process.poll() is None:
                 process.terminate()

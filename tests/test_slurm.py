@@ -146,20 +146,40 @@ def test_scancel_saves_a_checkpoint_and_does_not_requeue(slurm, default_data, tm
         time.sleep(0.2)
     job_id = slurm.run("squeue", "-h", "-n", "vlbert-slurm-test", "-o", "%i").stdout.split()[0]
     slurm.run("scancel", job_id)  # SIGTERM to the script and the tasks, SIGKILL after KillWait
-    _wait(process, slurm, log)
-    time.sleep(1)
+    _wait(process, slurm, log)  # returns once the job is CANCELLED, while its tasks may still be saving
+    deadline = time.time() + 60
+    while state := slurm.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip():
+        assert state in ("COMPLETING", "CANCELLED", "COMPLETED"), state  # never PENDING/RUNNING again
+        assert time.time() < deadline
+        time.sleep(0.5)
     text = log.read_text()
     stopped = [line for line in text.splitlines() if "stopping at step" in line]
     assert stopped, text[-4000:]
     step = int(stopped[0].split("stopping at step ")[1].split()[0])
     assert (out / "checkpoints" / "latest").read_text() == f"step{step:08d}"  # saved before the SIGKILL
     assert "requeueing" not in text
-    deadline = time.time() + 60
-    while state := slurm.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip():
-        assert state in ("COMPLETING", "CANCELLED", "COMPLETED"), state  # never PENDING/RUNNING again
-        assert time.time() < deadline
-        time.sleep(0.5)
+    time.sleep(6)  # a requeued job would be pending again by now (cred_expire=5)
+    assert slurm.run("squeue", "-h", "-j", job_id, check=False).stdout.strip() == ""
     assert "restart 1" not in log.read_text()
+
+
+def test_finetune_sbatch_runs_the_same_way(slurm, synthetic_tasks, tmp_path):
+    log = tmp_path / "job.out"
+    out = tmp_path / "run"
+    env = {**slurm.env(), "VLBERT_PYTHON": sys.executable, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    overrides = [f"task.train={synthetic_tasks}/refcoco/train", f"task.val={synthetic_tasks}/refcoco/val",
+                 "model.num_region_classes=25", "task.batch_size=4", "train.steps=3", "optimizer.warmup_steps=1",
+                 "data.num_workers=1", "tracking.enabled=false", "checkpoint.export=false", "train.log_every=0",
+                 f"train.output_dir={out}"]
+    done = subprocess.run(["sbatch", "--wait", "--job-name=vlbert-slurm-test", f"--output={log}", f"--chdir={REPO}",
+                           *CPU_SHAPE, str(REPO / "launch" / "slurm" / "finetune.sbatch"), "refcoco",
+                           str(REPO / "configs" / "default.yaml"), *overrides],
+                          env=env, capture_output=True, text=True, timeout=600)
+    text = log.read_text()
+    assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{text[-4000:]}"
+    assert "rank 0/2" in text and "rank 1/2" in text
+    assert _steps(out / "metrics.jsonl") == [1, 2, 3]
+    assert "refcoco validation: accuracy_iou50=" in text
 
 
 def test_sbatch_file_without_a_config_says_how_to_use_it(slurm, tmp_path):

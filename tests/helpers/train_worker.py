@@ -31,17 +31,18 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     from vlbert_ds.train.config import load_config
-    from vlbert_ds.train.distributed import discover, init_distributed
+    from vlbert_ds.train.distributed import discover, exit_fast_on_error, init_distributed
     from vlbert_ds.train.pretrain import default_bert, run
 
     dist = discover()
     config = load_config(spec.get("config"), spec["overrides"])
-    init_distributed(dist)
+    init_distributed(dist, timeout_s=config.train.dist_timeout_s)
     batches = None
     if spec.get("batches"):
         every = fixed_batches(spec["batches"], spec["num_batches"], default_bert())
         batches = iter(every[dist.rank :: dist.world_size])
-    result = run(config, dist, batches=batches)
+    with exit_fast_on_error(dist):
+        result = run(config, dist, batches=batches)
     if dist.is_main:
         report = {"step_losses": result.step_losses, "final": result.final_metrics, "export_dir": result.export_dir,
                   "run_id": result.run_id, "tracking_uri": result.tracking_uri}

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str, keep: int, rank: int) -> None:
+    def __init__(self, directory: str, keep: int, rank: int,
+                 before_commit: Callable[[int], None] | None = None) -> None:
         self.directory = Path(directory)
         self.keep, self.rank = keep, rank
+        self.before_commit = before_commit
 
     # ------------------------------------------------------------------ reading
     def complete_tags(self) -> list[str]:
@@ -68,11 +71,16 @@ class CheckpointManager:
     def save(self, engine, step: int, client_state: dict[str, Any], model_config: dict[str, Any]) -> str:
         import torch.distributed as dist
 
+        if not weights_finite(engine):
+            raise FloatingPointError(f"step {step}: the weights hold NaN or Inf; refusing to write a checkpoint "
+                                     f"(latest stays {self.latest_tag()})")
         tag = tag_for(step)
         self.directory.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
         folder = self.directory / tag
         torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
+        if self.before_commit is not None:  # fault injection: a crash between the files and COMPLETE
+            self.before_commit(step)
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0:
@@ -128,6 +136,24 @@ class CheckpointManager:
         if rng_file.is_file() and not load_universal:
             set_rng_state(torch.load(rng_file, weights_only=True))
         return client_state or {}
+
+
+def weights_finite(engine) -> bool:
+    """Whether every rank's weights are finite (ZeRO-3 checks each rank's own partition)."""
+    import torch.distributed as dist
+
+    bad = 0.0
+    with torch.no_grad():
+        for param in engine.module.parameters():
+            local = getattr(param, "ds_tensor", None)  # ZeRO-3 partition
+            tensor = local if local is not None and param.numel() == 0 else param
+            if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                bad = 1.0
+                break
+    flag = torch.tensor([bad], device=engine.device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() == 0)
 
 
 def rng_state() -> dict[str, Any]:

@@ -80,6 +80,7 @@ class TrainSection:
     eval_every: int = 0  # visual-grounding evaluation every N steps (0 = at the end only)
     eval_samples: int = 200
     output_dir: str = "runs/default"
+    dist_timeout_s: float = 600.0  # a collective waiting on a dead rank fails after this long
 
 
 @dataclass

@@ -9,9 +9,12 @@ so we export the discovered values before `deepspeed.init_distributed(auto_mpi_d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import sys
+import traceback
 from dataclasses import dataclass
 
 
@@ -28,6 +31,13 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def describe(self) -> str:
+        """One log line per rank, so a job log shows that every rank took part and how it was found."""
+        import socket
+
+        return (f"rank {self.rank}/{self.world_size} (local {self.local_rank}) on {socket.gethostname()}, "
+                f"ranks from {self.source}, master {self.master_addr}:{self.master_port}")
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -83,8 +93,14 @@ def discover(env: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", "29500")), "single")
 
 
-def init_distributed(dist: DistEnv, backend: str | None = None) -> None:
-    """Export the discovered values and start the process group through DeepSpeed."""
+def init_distributed(dist: DistEnv, backend: str | None = None, timeout_s: float = 600.0) -> None:
+    """Export the discovered values and start the process group through DeepSpeed.
+
+    `timeout_s` bounds how long a collective waits for a peer that died without closing its
+    connections; with gloo a dead peer usually fails the next collective at once.
+    """
+    from datetime import timedelta
+
     import deepspeed
 
     os.environ.update({"RANK": str(dist.rank), "WORLD_SIZE": str(dist.world_size),
@@ -94,4 +110,25 @@ def init_distributed(dist: DistEnv, backend: str | None = None) -> None:
         from deepspeed.accelerator import get_accelerator
 
         backend = get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+
+
+@contextlib.contextmanager
+def exit_fast_on_error(dist: DistEnv, code: int = 1):
+    """On an uncaught error in a multi-rank run, print it and leave at once with `os._exit`.
+
+    After a peer died, a normal interpreter exit can hang for minutes (process-group teardown and
+    DataLoader workers wait on the dead peer), which keeps a job that cannot continue holding its
+    nodes; the launcher (srun --kill-on-bad-exit, the deepspeed launcher) then ends the other ranks.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, ValueError, FileNotFoundError, FloatingPointError):
+        raise  # bad input or divergence: every rank meets it at the same point and exits normally
+    except BaseException:
+        if dist.world_size <= 1:
+            raise
+        traceback.print_exc()
+        print(f"rank {dist.rank}: exiting at once after the error above", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vlbert_ds.train.config import RunConfig, load_config
-from vlbert_ds.train.distributed import DistEnv, discover, init_distributed
+from vlbert_ds.train.distributed import DistEnv, discover, exit_fast_on_error, init_distributed
 from vlbert_ds.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, requeue_slurm_job, requeue_wanted
 from vlbert_ds.train.pretrain import TrainState, default_bert
 
@@ -283,9 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"vlbert-finetune: {err}", file=sys.stderr)
         return 2
-    init_distributed(dist)
+    init_distributed(dist, timeout_s=config.train.dist_timeout_s)
+    print(dist.describe(), flush=True)
     try:
-        result = finetune(config, dist)
+        with exit_fast_on_error(dist):
+            result = finetune(config, dist)
     except (ValueError, FileNotFoundError) as err:
         print(f"vlbert-finetune: {err}", file=sys.stderr)
         return 2

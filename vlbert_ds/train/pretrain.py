@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,13 +24,14 @@ from typing import Any
 import torch
 
 from vlbert_ds.train.config import RunConfig, load_config
-from vlbert_ds.train.distributed import DistEnv, discover, init_distributed
+from vlbert_ds.train.distributed import DistEnv, discover, exit_fast_on_error, init_distributed
+from vlbert_ds.train.faults import Faults
 from vlbert_ds.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, requeue_slurm_job, requeue_wanted
 
 log = logging.getLogger("vlbert_ds.pretrain")
 
-# Test hook for fault injection: exit abruptly (no final checkpoint, no cleanup) after this step.
-FAULT_EXIT_AFTER_STEP = "VLBERT_FAULT_EXIT_AFTER_STEP"
+# A run that keeps producing non-finite losses has diverged: stop instead of skipping for ever.
+MAX_CONSECUTIVE_NONFINITE = 20
 
 
 @dataclass
@@ -132,12 +132,26 @@ def prepare_default_data(config: RunConfig, dist: DistEnv) -> None:
         config.data.text_sources = [str(Path(folder) / "text/train")]
 
 
+def finite_everywhere(loss: torch.Tensor, device) -> bool:
+    """Whether the loss is finite on every rank (one tiny all-reduce; all ranks must call it)."""
+    import torch.distributed as tdist
+
+    flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=device)
+    if tdist.is_initialized():
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    return bool(flag.item() == 0)
+
+
 def step_metrics(engine, sums: dict[str, float], micro_steps: int) -> dict[str, float]:
     """Average this step's per-micro-batch losses over micro-batches and ranks; accuracies by count."""
     import torch.distributed as tdist
 
     keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=engine.device)  # NCCL: on the GPU
+    if tdist.is_initialized():  # ranks may differ in keys (a skip reason seen on one rank only): use the union
+        every: list[list[str]] = [[] for _ in range(tdist.get_world_size())]
+        tdist.all_gather_object(every, keys)
+        keys = sorted(set().union(*every))
+    values = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=engine.device)  # NCCL: GPU
     if tdist.is_initialized():
         tdist.all_reduce(values)
     world = tdist.get_world_size() if tdist.is_initialized() else 1
@@ -207,7 +221,9 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
         print(model.load_report.summary(), flush=True)
     model_config = model.config.to_dict()
     engine, ds_config = make_engine(model, config, dist.world_size)
-    checkpoints = CheckpointManager(config.checkpoint_dir, config.checkpoint.keep, dist.rank)
+    faults = Faults.from_env()
+    checkpoints = CheckpointManager(config.checkpoint_dir, config.checkpoint.keep, dist.rank,
+                                    before_commit=lambda step: faults.maybe_crash_in_checkpoint(step, dist.rank))
     state = TrainState()
     tag = checkpoints.latest_tag() if config.checkpoint.resume else None
     if tag is not None:
@@ -256,7 +272,7 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
         kept = [line for line in metrics_log.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= state.step]
         metrics_log.write_text("".join(line + "\n" for line in kept))
-    fault_step = int(os.environ.get(FAULT_EXIT_AFTER_STEP, "0"))
+    nonfinite_in_a_row = 0
     progress = None
     if dist.is_main:
         from tqdm import tqdm
@@ -269,7 +285,8 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
     while state.step < config.train.steps:
         step_start = time.perf_counter()
         sums: dict[str, float] = {}
-        for _ in range(config.train.grad_accum):
+        good = 0
+        while good < config.train.grad_accum:
             wait_start = time.perf_counter()
             try:
                 item = next(data)
@@ -280,9 +297,28 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
             wait = time.perf_counter() - wait_start
             batch = getattr(item, "batch", item).to(engine.device)
             out = engine(batch)
-            engine.backward(out.loss)
-            engine.step()
+            loss = out.loss * float("nan") if faults.poison_loss(state.step + 1, dist.rank) else out.loss
             state.consumed += 1
+            if not finite_everywhere(loss, engine.device):
+                # Every rank drops this micro-batch before backward, so no non-finite gradient is
+                # reduced and DeepSpeed only ever sees finite micro-batches; the step goes on with
+                # the next one. (A non-finite gradient from a finite loss is DeepSpeed's to catch:
+                # bf16.check_grad_overflow / fp16 loss scaling skip that optimizer step.)
+                nonfinite_in_a_row += 1
+                if dist.is_main:  # every rank dropped it; count it once
+                    sums["skipped/nonfinite_loss"] = sums.get("skipped/nonfinite_loss", 0.0) + 1
+                log.warning("step %d: non-finite loss %s on some rank (mlm_vl %s, mlm_text %s, mrc %s); "
+                            "micro-batch dropped", state.step + 1, float(loss.detach()),
+                            *(float(out.losses[k].detach()) if k in out.losses else None
+                              for k in ("mlm_vl", "mlm_text", "mrc")))
+                if nonfinite_in_a_row >= MAX_CONSECUTIVE_NONFINITE:
+                    raise FloatingPointError(f"{nonfinite_in_a_row} non-finite losses in a row at step "
+                                             f"{state.step + 1}: the run has diverged; resume from an earlier "
+                                             "checkpoint with a lower learning rate")
+                continue
+            nonfinite_in_a_row, good = 0, good + 1
+            engine.backward(loss)
+            engine.step()
             for name, value in (("loss", out.loss), *out.losses.items()):
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             for name in ("mlm_vl", "mlm_text", "mrc"):
@@ -329,9 +365,7 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
         if state.step % config.checkpoint.every == 0 or state.step == config.train.steps:
             checkpoints.save(engine, state.step, state.to_client_state(), model_config)
             tracker.flush()  # metrics up to a committed checkpoint are never logged twice
-        if fault_step and state.step == fault_step:
-            sys.stdout.flush()
-            os._exit(17)
+        faults.maybe_exit_after(state.step, dist.rank)
         if stop.should_stop(engine.device) and state.step < config.train.steps:
             if state.step % config.checkpoint.every != 0:
                 checkpoints.save(engine, state.step, state.to_client_state(), model_config)
@@ -409,14 +443,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if "OMP_NUM_THREADS" not in os.environ:  # a launcher's or job script's choice wins
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world_size)))
-    init_distributed(dist)
-    print(f"rank {dist.rank}/{dist.world_size} (local {dist.local_rank}) on {socket.gethostname()}, "
-          f"ranks from {dist.source}, master {dist.master_addr}:{dist.master_port}", flush=True)
+    init_distributed(dist, timeout_s=config.train.dist_timeout_s)
+    print(dist.describe(), flush=True)
     try:
-        result = run(config, dist)
+        with exit_fast_on_error(dist):
+            result = run(config, dist)
     except (ValueError, FileNotFoundError) as err:
         print(f"vlbert-pretrain: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # diverged: stopped without writing a non-finite checkpoint
+        print(f"vlbert-pretrain: {err}", file=sys.stderr)
+        return 3
     if result.preempted:
         # Rank 0 requeues the Slurm job (which ends every task); the others wait for that with exit code
         # 0, so that `srun --kill-on-bad-exit` does not end rank 0 before it has asked. The signal is

@@ -1,0 +1,24 @@
+"""The benchmark scripts run and write what their docs promise (speeds are not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pretrain_step_benchmark_writes_both_models_and_the_ratio(tmp_path):
+    out = tmp_path / "step.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretrain_step.py"), "--preset", "tiny",
+                           "--batch", "8", "--warmup", "1", "--steps", "1", "--rounds", "1", "--threads", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["results"]) >= {"ours", "hf_visualbert"}
+    assert result["ratio_vs_hf_visualbert"] > 0
+    assert result["real_elements"] < result["hf_padded_elements"]  # HF pads every row; we do not
+    assert "ratio (ours / HF VisualBERT" in done.stdout
+

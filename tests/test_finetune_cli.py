@@ -1,0 +1,61 @@
+"""`vlbert-finetune` end to end on the DeepSpeed engine (CPU), on the synthetic tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+COMMON = ["model.num_region_classes=25", "train.steps=12", "optimizer.warmup_steps=2", "optimizer.lr=3e-4",
+          "optimizer.fresh_lr_multiplier=10", "data.num_workers=1", "checkpoint.every=6", "tracking.enabled=false",
+          "train.log_every=0", "task.batch_size=8"]
+
+
+def _finetune(task: str, out: Path, extra: list[str], data: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "MASTER_PORT": str(29700 + os.getpid() % 200)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "vlbert_ds.train.finetune", "--task", task, f"task.train={data / task / 'train'}",
+               f"task.val={data / task / 'val'}", f"train.output_dir={out}", *COMMON, *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("task,extra", [("vqa", []), ("vcr", ["task.vcr_mode=qa2r", "task.batch_size=4"]),
+                                        ("refcoco", ["checkpoint.export=true"])])
+def test_finetune_runs_evaluates_and_checkpoints(task, extra, synthetic_tasks, tmp_path):
+    out = tmp_path / task
+    done = _finetune(task, out, extra, synthetic_tasks)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 13))
+    assert all(s["loss"] == s["loss"] for s in steps)  # finite (NaN != NaN)
+    val = json.loads((out / "val_metrics.json").read_text())["val"]
+    metric = {"vqa": "vqa_accuracy", "vcr": "accuracy", "refcoco": "accuracy_iou50"}[task]
+    assert 0.0 <= val[metric] <= 1.0 and val["val_items"] > 0
+    assert (out / "checkpoints" / "latest").read_text() == "step00000012"
+    if task == "refcoco":
+        from vlbert_ds.model.tasks import VLBertForReferring
+
+        model = VLBertForReferring.from_pretrained(out / "finetuned")
+        assert model.config.num_region_classes == 25
+
+
+def test_vqa_answers_outside_the_vocabulary_are_counted_and_dropped(synthetic_tasks, tmp_path):
+    vocabulary = tmp_path / "answers.json"
+    vocabulary.write_text(json.dumps(["red", "green", "blue", "yes", "no"]))  # no shapes, no counts
+    out = tmp_path / "vqa"
+    done = _finetune("vqa", out, [f"task.answers={vocabulary}", "train.steps=4"], synthetic_tasks)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    skipped = json.loads((out / "val_metrics.json").read_text())["skipped"]
+    assert skipped.get("answer_out_of_vocab", 0) > 0
+
+
+def test_bad_task_config_is_refused_with_a_message(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vlbert_ds.train.finetune", "--task", "vqa", "task.train="],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 2 and "task.train" in done.stderr
