@@ -7,6 +7,7 @@ credentials, so a test that passes here talks to S3 the way it would to a real b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -28,6 +29,14 @@ class S3Server:
     secret_key: str
     process: subprocess.Popen
     data_dir: Path
+    command: list[str] = dataclasses.field(default_factory=list)
+    launch_env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def start_again(self) -> None:
+        """Start the stopped server again on the same ports and data (an outage that ends)."""
+        log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.launch_env,
+                                        start_new_session=True)
 
     def env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
@@ -66,7 +75,7 @@ def start_s3(data_dir: Path, timeout: float = 60.0) -> S3Server:
                f"-filer.port={ports['filer']}"]
     log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 (lives as long as the server)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{ports['s3']}", ACCESS_KEY, SECRET_KEY, process, data_dir)
+    server = S3Server(f"http://127.0.0.1:{ports['s3']}", ACCESS_KEY, SECRET_KEY, process, data_dir, command, env)
     deadline = time.time() + timeout
     import s3fs
 

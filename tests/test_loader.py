@@ -213,3 +213,38 @@ def test_bad_loader_config(default_data, minilm_folder, tmp_path):
     shutil.copy(default_data / "vl/train/shard-000000.tar", tmp_path / "nosizes")
     with pytest.raises(ValueError, match=r"sizes\.json"):
         PretrainStream(_config(default_data, minilm_folder, vl_sources=[SourceSpec(str(tmp_path / "nosizes"))]))
+
+
+def test_a_read_that_fails_mid_shard_reopens_and_seeks_back(tmp_path):
+    """ResumableReader: the handle breaks after 100 bytes twice; the bytes come out whole and in order."""
+    from vlbert_ds.data import storage
+
+    payload = bytes(range(256)) * 40
+    path = tmp_path / "blob.bin"
+    path.write_bytes(payload)
+    retries = []
+    reader = storage.ResumableReader(str(path), attempts=4, base_delay=0.01,
+                                     on_retry=lambda url, err: retries.append(str(err)))
+
+    class Flaky:
+        def __init__(self, inner, budget):
+            self.inner, self.budget = inner, budget
+
+        def read(self, size=-1):
+            if self.budget <= 0:
+                raise ConnectionError("connection reset by peer")
+            data = self.inner.read(min(size, self.budget))
+            self.budget -= len(data)
+            return data
+
+        def seek(self, offset):
+            return self.inner.seek(offset)
+
+        def close(self):
+            self.inner.close()
+
+    reader.handle = Flaky(reader.handle, 100)
+    out = reader.read(150)  # 100 bytes, then a reset: reopened at byte 100
+    out += reader.read(len(payload))
+    assert out == payload
+    assert len(retries) == 1 and "reset" in retries[0]

@@ -220,8 +220,8 @@ def _group_samples(stream, url: str, skipped: SkipCounter) -> Iterator[dict[str,
 
 def read_piece(piece: ShardPiece, config: LoaderConfig, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
     try:
-        stream = storage.open_with_retries(piece.url, config.shard_open_attempts, config.shard_retry_delay,
-                                           on_retry=lambda url, err: skipped.update(["shard_open_retry"]))
+        stream = storage.ResumableReader(piece.url, config.shard_open_attempts, config.shard_retry_delay,
+                                         on_retry=lambda url, err: skipped.update(["shard_read_retry"]))
     except Exception as err:
         skipped["shard_unreadable"] += 1
         log.error("skipping shard %s after %d attempts: %s", piece.url, config.shard_open_attempts, err)

@@ -7,6 +7,8 @@ s3 handler of its own, so we open streams here and hand them to its tar expander
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -150,3 +152,69 @@ def open_with_retries(url: str, attempts: int = 5, base_delay: float = 0.5,
                         attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+class ResumableReader(io.RawIOBase):
+    """A read-only stream that outlives a dropped connection: on a read error it reopens the object
+    with backoff and seeks back to where it was, so an object-storage outage of a few seconds costs
+    time, not samples. (fsspec retries a request; it does not resume a half-read file.)
+    """
+
+    def __init__(self, url: str, attempts: int = 5, base_delay: float = 0.5,
+                 on_retry: Callable[[str, Exception], None] | None = None) -> None:
+        super().__init__()
+        self.url, self.attempts, self.base_delay, self.on_retry = url, attempts, base_delay, on_retry
+        self.position = 0
+        self.handle = open_with_retries(url, attempts, base_delay, on_retry)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                data = self.handle.read(len(buffer))
+                buffer[: len(data)] = data
+                self.position += len(data)
+                return len(data)
+            except FileNotFoundError:
+                raise
+            except Exception as err:
+                if attempt == self.attempts:
+                    raise
+                if self.on_retry is not None:
+                    self.on_retry(self.url, err)
+                delay = self.base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
+                log.warning("reading %s at byte %d failed (%s: %s); reopening in %.1fs (%d/%d)", self.url,
+                            self.position, type(err).__name__, err, delay, attempt, self.attempts - 1)
+                time.sleep(delay)
+                with contextlib.suppress(Exception):
+                    self.handle.close()
+                try:
+                    fs, path = _fs_and_path(self.url)
+                    self.handle = fs.open(path, "rb")
+                    self.handle.seek(self.position)
+                except FileNotFoundError:
+                    raise
+                except Exception as reopen_error:  # still down: the next attempt waits longer
+                    log.warning("reopening %s failed: %s", self.url, reopen_error)
+                    self.handle = _Broken(reopen_error)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.handle.close()
+        super().close()
+
+
+class _Broken:
+    """Stands in for a handle that could not be reopened; reading it raises the reopen error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def read(self, size: int = -1) -> bytes:
+        raise self.error
+
+    def close(self) -> None:
+        pass
