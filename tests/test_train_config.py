@@ -76,3 +76,18 @@ def test_weight_decay_spares_norms_and_biases_unless_asked():
     groups = parameter_groups(model, 0.01, False, fresh={"2.weight"}, fresh_lr_multiplier=10.0)
     scaled = [p for g in groups if g["lr_scale"] == 10.0 for p in g["params"]]
     assert scaled == [model[2].weight]
+
+
+def test_credentials_in_urls_never_reach_the_printed_config_or_mlflow_params():
+    from vlbert_ds.train.config import load_config
+    from vlbert_ds.train.tracking import redact
+
+    config = load_config(None, ["data.vl_sources=[s3://AKIAEXAMPLE:s3cr3t@bucket/cc]",
+                                "tracking.uri=https://alice:tok-123@mlflow.example.org"])
+    text = config.to_yaml()
+    params = redact({**config.flat(), "aws_secret_access_key": "s3cr3t"})
+    for leaked in ("s3cr3t", "tok-123", "AKIAEXAMPLE"):
+        assert leaked not in text
+        assert all(leaked not in str(v) for v in params.values())
+    assert "https://***@mlflow.example.org" in text
+    assert config.tracking.uri == "https://alice:tok-123@mlflow.example.org"  # the run itself still uses it

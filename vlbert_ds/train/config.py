@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -164,15 +165,30 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """`section.key -> value` (lists and dicts as JSON), for MLflow params."""
+        """`section.key -> value` (lists and dicts as JSON), for MLflow params; credentials in URLs masked."""
         out = {}
-        for section, values in self.to_dict().items():
+        for section, values in redact_urls(self.to_dict()).items():
             for key, value in values.items():
                 out[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as printed and logged: credentials in URLs (`scheme://user:secret@host`) masked."""
+        return yaml.safe_dump(redact_urls(self.to_dict()), sort_keys=False)
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_urls(value: Any) -> Any:
+    """Mask the user-info part of every URL in a nested config value (tracking tokens, S3 keys in URLs)."""
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", value)
+    if isinstance(value, dict):
+        return {k: redact_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_urls(v) for v in value]
+    return value
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vlbert_ds.train.config import RunConfig, load_config
+from vlbert_ds.train.config import RunConfig, load_config, redact_urls
 from vlbert_ds.train.distributed import DistEnv, discover, exit_fast_on_error, init_distributed
 from vlbert_ds.train.faults import Faults
 from vlbert_ds.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, requeue_slurm_job, requeue_wanted
@@ -245,7 +245,7 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
         tracker.log_params({**config.flat(), "world_size": dist.world_size})
         tracker.log_text(config.to_yaml(), "config/resolved_config.yaml")
         tracker.log_text(json.dumps(ds_config, indent=2), "config/ds_config.json")
-        print(f"MLflow run {tracker.run_id} at {tracking_uri}", flush=True)
+        print(f"MLflow run {tracker.run_id} at {redact_urls(tracking_uri)}", flush=True)
 
     # Data: continue the same stream from the checkpoint's position.
     def open_epoch(epoch: int, consumed: int):
@@ -418,7 +418,7 @@ def print_summary(result: RunResult) -> None:
                   f"  MLM accuracy with the image withheld {m['grounded_mlm_acc_image_withheld']:.3f}"]
     lines += [f"checkpoints: {result.checkpoint_dir}",
               f"exported weights (save_pretrained): {result.export_dir}",
-              f"MLflow: run {result.run_id} at {result.tracking_uri}",
+              f"MLflow: run {result.run_id} at {redact_urls(result.tracking_uri or "")}",
               f"loss curve: {Path(result.output_dir) / 'loss_curve.png'}", "=" * 72]
     print("\n".join(lines), flush=True)
 
