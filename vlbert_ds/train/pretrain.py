@@ -418,7 +418,7 @@ def print_summary(result: RunResult) -> None:
                   f"  MLM accuracy with the image withheld {m['grounded_mlm_acc_image_withheld']:.3f}"]
     lines += [f"checkpoints: {result.checkpoint_dir}",
               f"exported weights (save_pretrained): {result.export_dir}",
-              f"MLflow: run {result.run_id} at {redact_urls(result.tracking_uri or "")}",
+              f"MLflow: run {result.run_id} at {redact_urls(result.tracking_uri or '')}",
               f"loss curve: {Path(result.output_dir) / 'loss_curve.png'}", "=" * 72]
     print("\n".join(lines), flush=True)
 
