@@ -248,3 +248,46 @@ def test_a_read_that_fails_mid_shard_reopens_and_seeks_back(tmp_path):
     out += reader.read(len(payload))
     assert out == payload
     assert len(retries) == 1 and "reset" in retries[0]
+
+
+def test_bad_images_missing_members_and_long_captions_are_counted_never_fatal(default_data, minilm_folder, tmp_path):
+    """End-to-end mode: a garbage JPEG, a decompression bomb (header claims 30000 x 30000), a sample
+    without boxes, and a 3,000-word caption (truncated to the 64-element budget, not dropped)."""
+    from PIL import Image
+
+    folder = tmp_path / "bad-images"
+    shutil.copytree(default_data / "vl/train", folder)
+    meta = {"format": 1, "kind": "vl", "caption": "a red circle", "image_width": 320, "image_height": 240}
+    boxes = io.BytesIO()
+    np.save(boxes, np.array([[1, 1, 50, 50]], dtype=np.float32))
+    bomb = io.BytesIO()
+    Image.new("L", (30000, 30000)).save(bomb, format="JPEG", quality=1)
+    good_jpeg = io.BytesIO()
+    Image.new("RGB", (320, 240), (200, 30, 30)).save(good_jpeg, format="JPEG")
+    long_meta = dict(meta, caption=" ".join(["red"] * 3000))
+    with tarfile.open(folder / "shard-000002.tar", "a") as tar:
+        def add(name, payload):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+        for key, sample_meta, jpeg, with_boxes in (("bad_garbage_jpeg", meta, b"\xff\xd8 not a jpeg", True),
+                                                   ("bad_bomb", meta, bomb.getvalue(), True),
+                                                   ("bad_no_boxes", meta, good_jpeg.getvalue(), False),
+                                                   ("long_caption", long_meta, good_jpeg.getvalue(), True)):
+            add(f"{key}.json", json.dumps(sample_meta).encode())
+            if with_boxes:
+                add(f"{key}.boxes.npy", boxes.getvalue())
+            add(f"{key}.jpg", jpeg)
+    config = _config(default_data, minilm_folder, vl_sources=[SourceSpec(str(folder))], num_workers=0,
+                     example=ExampleConfig(num_region_classes=25, visual_front_end="end_to_end"))
+    batches = _epoch(config, workers=False)
+    skipped = Counter()
+    for b in batches:
+        skipped.update(b.skipped)
+    assert skipped["bad_image"] == 1 and skipped["image_too_large"] == 1 and skipped["missing_boxes"] == 1
+    keys = [k for b in batches for k in b.keys]
+    assert any(k.endswith("long_caption") for k in keys)
+    for b in batches:
+        elements = b.batch.text_mask.sum(1) + b.batch.region_mask.sum(1)
+        assert int(elements.max()) <= 64

@@ -112,6 +112,8 @@ def decode_image(jpeg: bytes, width: int, height: int, max_pixels: int) -> torch
         image = torch.from_numpy(np.asarray(decoder.convert("RGB"))).permute(2, 0, 1)
     except SampleError:
         raise
+    except Image.DecompressionBombError as err:  # Pillow's own header check, above its ~179M-pixel limit
+        raise SampleError("image_too_large", str(err)) from err
     except Exception as err:
         raise SampleError("bad_image", f"{type(err).__name__}: {err}") from err
     if tuple(image.shape[1:]) != (height, width):
