@@ -63,6 +63,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_latest_on_the_previous_one(de
     assert "resumed from step00000002: step 2" in ranks[0].stdout
     assert sorted(int(s) for s in resumed["step_losses"]) == [3, 4, 5, 6]
     assert (checkpoints / "latest").read_text() == "step00000006"
+    assert (checkpoints / "step00000004" / "COMPLETE").is_file()  # written again, whole
 
 
 def test_a_killed_rank_fails_the_job_fast_and_the_restart_resumes(default_data, tmp_path):
@@ -95,3 +96,29 @@ def test_a_killed_rank_fails_the_job_fast_and_the_restart_resumes(default_data, 
     report, ranks = run_ranks({"overrides": overrides}, 2, tmp_path)
     assert f"resumed from {latest}" in ranks[0].stdout
     assert max(int(s) for s in report["step_losses"]) == 40
+
+
+class _Exploit:
+    """A pickle that would create a file when unpickled by a full (unsafe) loader."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_with_a_code_running_pickle_is_refused_without_running_it(tmp_path):
+    import torch
+
+    from vlbert_ds.train.checkpoint import verify_safe_to_load
+
+    folder = tmp_path / "step00000002"
+    folder.mkdir()
+    torch.save({"module": {"w": torch.ones(2)}}, folder / "mp_rank_00_model_states.pt")
+    verify_safe_to_load(folder)  # plain weights pass
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": _Exploit(str(marker))}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ValueError, match="refusing to resume"):
+        verify_safe_to_load(folder)
+    assert not marker.exists()

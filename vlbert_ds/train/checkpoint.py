@@ -128,7 +128,9 @@ class CheckpointManager:
             dist.barrier()
         return target.name
 
-    def load(self, engine, tag: str, load_universal: bool = False) -> dict[str, Any]:
+    def load(self, engine, tag: str, load_universal: bool = False, verify: bool = True) -> dict[str, Any]:
+        if verify:
+            verify_safe_to_load(self.directory / tag)
         path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.directory / tag}")
@@ -136,6 +138,44 @@ class CheckpointManager:
         if rng_file.is_file() and not load_universal:
             set_rng_state(torch.load(rng_file, weights_only=True))
         return client_state or {}
+
+
+# Plain-data DeepSpeed classes its checkpoints pickle (the loss scaler of the optimizer state);
+# allowed by name for the weights-only check below. Anything else is refused.
+SAFE_DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                          "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum",
+                          "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def verify_safe_to_load(folder: Path) -> None:
+    """Open every `.pt` of a checkpoint with `weights_only=True` before DeepSpeed unpickles it fully.
+
+    DeepSpeed's loader calls `torch.load(weights_only=False)`, which runs whatever a pickle names; a
+    checkpoint folder from someone else could run code on resume. The weights-only unpickler allows
+    tensors, containers and the few DeepSpeed data classes above, and raises on anything else, so a
+    crafted file is refused here without being executed.
+    """
+    import importlib
+    import pickle
+
+    allowed = []
+    for dotted in SAFE_DEEPSPEED_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    with torch.serialization.safe_globals(allowed):
+        for path in sorted(Path(folder).glob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (pickle.UnpicklingError, RuntimeError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+                              first)
+                raise ValueError(f"refusing to resume from {path}: it is not loadable as plain weights ({detail}); "
+                                 "resume only from checkpoints you wrote") from err
 
 
 def weights_finite(engine) -> bool:
