@@ -95,7 +95,14 @@ def test_a_killed_rank_fails_the_job_fast_and_the_restart_resumes(default_data, 
     latest = (out / "checkpoints" / "latest").read_text()
     report, ranks = run_ranks({"overrides": overrides}, 2, tmp_path)
     assert f"resumed from {latest}" in ranks[0].stdout
-    assert max(int(s) for s in report["step_losses"]) == 10
+    # The same continuation as a run that was never interrupted: same data, dropout and optimizer state.
+    straight_overrides = [*_loader(default_data, tmp_path / "straight", steps=10, every=2), "train.dist_timeout_s=60"]
+    straight, _ = run_ranks({"overrides": straight_overrides}, 2, tmp_path)
+    resumed_steps = sorted(int(s) for s in report["step_losses"])
+    assert resumed_steps[-1] == 10 and resumed_steps[0] == int(latest.removeprefix("step")) + 1
+    for step in resumed_steps:
+        a, b = report["step_losses"][str(step)], straight["step_losses"][str(step)]
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (step, a, b)
 
 
 class _Exploit:
