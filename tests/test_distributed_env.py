@@ -33,9 +33,14 @@ def test_slurm_master_from_the_job_script_is_kept():
     assert (dist.master_addr, dist.master_port, dist.local_world_size) == ("127.0.0.1", 23456, 1)
 
 
-def test_no_variables_means_one_process():
+def test_no_variables_means_one_process_on_a_free_port():
+    import socket
+
     dist = discover({})
     assert (dist.rank, dist.world_size, dist.source) == (0, 1, "single")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", dist.master_port))  # free (two single-process runs must not collide)
+    assert discover({"MASTER_PORT": "29555"}).master_port == 29555
 
 
 def test_a_stop_signal_sets_the_flag_and_close_restores_the_handler():

@@ -90,7 +90,16 @@ def discover(env: dict[str, str] | None = None) -> DistEnv:
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
                        env.get("MASTER_ADDR") or node_address(first_slurm_host(nodelist)),
                        int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", ""))), "slurm", local_world)
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", "29500")), "single")
+    # One process: any free port, so that two single-process runs on one machine do not collide.
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_distributed(dist: DistEnv, backend: str | None = None, timeout_s: float = 600.0) -> None:
