@@ -128,7 +128,7 @@ def write_report(out: Path, results: dict[str, dict[str, float]], init: str, bud
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("validation accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "ablation.png")
