@@ -144,13 +144,8 @@ def _meta(sample: dict[str, Any], kind: str) -> dict[str, Any]:
     return meta
 
 
-def decode_vl(sample: dict[str, Any], need_features: bool, need_image: bool) -> VLRecord:
-    """Decode and check one vision-language sample; raise `SampleError` with a counted reason."""
-    _check_members(sample, VL_MEMBERS)
-    meta = _meta(sample, VL_KIND)
-    caption = meta.get("caption")
-    if not isinstance(caption, str) or not caption.strip():
-        raise SampleError("empty_caption")
+def _image_size_and_boxes(sample: dict[str, Any], meta: dict[str, Any]) -> tuple[int, int, np.ndarray]:
+    """The frame size from the JSON and the checked `[K, 4]` boxes (shared by every image-bearing kind)."""
     width, height = meta.get("image_width"), meta.get("image_height")
     if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
         raise SampleError("bad_image_size", f"{width} x {height}")
@@ -161,6 +156,28 @@ def decode_vl(sample: dict[str, Any], need_features: bool, need_image: bool) -> 
         raise SampleError("bad_boxes", f"shape {boxes.shape}")
     if not np.isfinite(boxes).all():
         raise SampleError("nonfinite_boxes")
+    return width, height, boxes
+
+
+def _features(sample: dict[str, Any], num_boxes: int) -> np.ndarray:
+    if "features.npy" not in sample:
+        raise SampleError("missing_features")
+    features = load_npy(sample["features.npy"], "features.npy")  # float16 all the way to the model
+    if features.ndim != 2 or features.shape[0] != num_boxes:
+        raise SampleError("bad_features", f"shape {features.shape} for {num_boxes} boxes")
+    if not all_finite(features):
+        raise SampleError("nonfinite_features")
+    return features
+
+
+def decode_vl(sample: dict[str, Any], need_features: bool, need_image: bool) -> VLRecord:
+    """Decode and check one vision-language sample; raise `SampleError` with a counted reason."""
+    _check_members(sample, VL_MEMBERS)
+    meta = _meta(sample, VL_KIND)
+    caption = meta.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise SampleError("empty_caption")
+    width, height, boxes = _image_size_and_boxes(sample, meta)
     scores = features = None
     if "scores.npy" in sample:
         scores = load_npy(sample["scores.npy"], "scores.npy")  # stored float16; widened per selected row later
@@ -169,13 +186,7 @@ def decode_vl(sample: dict[str, Any], need_features: bool, need_image: bool) -> 
         if not all_finite(scores):
             raise SampleError("nonfinite_scores")
     if need_features:
-        if "features.npy" not in sample:
-            raise SampleError("missing_features")
-        features = load_npy(sample["features.npy"], "features.npy")  # float16 all the way to the model
-        if features.ndim != 2 or features.shape[0] != boxes.shape[0]:
-            raise SampleError("bad_features", f"shape {features.shape} for {boxes.shape[0]} boxes")
-        if not all_finite(features):
-            raise SampleError("nonfinite_features")
+        features = _features(sample, boxes.shape[0])
     jpeg = sample.get("jpg")
     if need_image and jpeg is None:
         raise SampleError("missing_image")
@@ -228,22 +239,7 @@ def encode_task(record: TaskRecord) -> dict[str, Any]:
 def decode_task(sample: dict[str, Any], kind: str, need_features: bool = True) -> TaskRecord:
     _check_members(sample, TASK_MEMBERS)
     meta = _meta(sample, kind)
-    width, height = meta.get("image_width"), meta.get("image_height")
-    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
-        raise SampleError("bad_image_size", f"{width} x {height}")
-    if "boxes.npy" not in sample:
-        raise SampleError("missing_boxes")
-    boxes = load_npy(sample["boxes.npy"], "boxes.npy").astype(np.float32)
-    if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.isfinite(boxes).all():
-        raise SampleError("bad_boxes", f"shape {boxes.shape}")
-    features = None
-    if need_features:
-        if "features.npy" not in sample:
-            raise SampleError("missing_features")
-        features = load_npy(sample["features.npy"], "features.npy")
-        if features.ndim != 2 or features.shape[0] != boxes.shape[0]:
-            raise SampleError("bad_features", f"shape {features.shape} for {boxes.shape[0]} boxes")
-        if not all_finite(features):
-            raise SampleError("nonfinite_features")
+    width, height, boxes = _image_size_and_boxes(sample, meta)
+    features = _features(sample, boxes.shape[0]) if need_features else None
     return TaskRecord(key=sample.get("__key__", ""), kind=kind, meta=meta, image_width=width, image_height=height,
                       boxes=boxes, features=features, jpeg=sample.get("jpg"))

@@ -141,3 +141,19 @@ def exit_fast_on_error(dist: DistEnv, code: int = 1):
         print(f"rank {dist.rank}: exiting at once after the error above", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(code)
+
+
+def setup_process(dist: DistEnv) -> None:
+    """Per-process set-up shared by the entry points: rank-tagged logging, CPU accelerator and threads."""
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                        format=f"[rank {dist.rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # a launcher's or job script's choice wins
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world_size)))

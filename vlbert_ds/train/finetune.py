@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from typing import Any
 import torch
 
 from vlbert_ds.train.config import RunConfig, load_config
-from vlbert_ds.train.distributed import DistEnv, discover, exit_fast_on_error, init_distributed
-from vlbert_ds.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, requeue_slurm_job, requeue_wanted
+from vlbert_ds.train.distributed import DistEnv, discover, exit_fast_on_error, init_distributed, setup_process
+from vlbert_ds.train.preemption import StopRequests, exit_code_after_stop
 from vlbert_ds.train.pretrain import TrainState, default_bert
 
 log = logging.getLogger("vlbert_ds.finetune")
@@ -261,14 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     dist = discover()
-    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
-                        format=f"[rank {dist.rank}] %(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world_size)))
+    setup_process(dist)
     if args.task == "all":
         from vlbert_ds.train.ablation import run_ablation
 
@@ -292,12 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlbert-finetune: {err}", file=sys.stderr)
         return 2
     if result.preempted:
-        if os.environ.get("VLBERT_REQUEUE_ON_STOP") == "1" and os.environ.get("SLURM_JOB_ID"):
-            if not dist.is_main:
-                return 0
-            if requeue_wanted(result.stop_signal) and requeue_slurm_job():
-                return 0
-        return PREEMPTED_EXIT_CODE
+        return exit_code_after_stop(dist.is_main, result.stop_signal)
     return 0
 
 

@@ -102,3 +102,17 @@ def requeue_slurm_job(env: dict[str, str] | None = None) -> str | None:
         log.error("scontrol requeue %s failed: %s", job_id, done.stderr.strip())
         return None
     return job_id
+
+
+def exit_code_after_stop(is_main: bool, received: signal.Signals | None) -> int:
+    """The process exit code after a stop with a checkpoint saved (requeueing first where asked).
+
+    Rank 0 requeues the Slurm job (which ends every task); the other ranks exit 0 meanwhile, so that
+    `srun --kill-on-bad-exit` does not end rank 0 before it has asked. The signal is rank 0's.
+    """
+    if os.environ.get("VLBERT_REQUEUE_ON_STOP") == "1" and os.environ.get("SLURM_JOB_ID"):
+        if not is_main:
+            return 0
+        if requeue_wanted(received) and requeue_slurm_job():
+            return 0
+    return PREEMPTED_EXIT_CODE

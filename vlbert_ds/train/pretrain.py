@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from vlbert_ds.train.config import RunConfig, load_config, redact_urls
-from vlbert_ds.train.distributed import DistEnv, discover, exit_fast_on_error, init_distributed
+from vlbert_ds.train.distributed import DistEnv, discover, exit_fast_on_error, init_distributed, setup_process
 from vlbert_ds.train.faults import Faults
-from vlbert_ds.train.preemption import PREEMPTED_EXIT_CODE, StopRequests, requeue_slurm_job, requeue_wanted
+from vlbert_ds.train.preemption import StopRequests, exit_code_after_stop
 
 log = logging.getLogger("vlbert_ds.pretrain")
 
@@ -430,19 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     dist = discover()
-    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
-                        format=f"[rank {dist.rank}] %(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_process(dist)
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"vlbert-pretrain: {err}", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        if "OMP_NUM_THREADS" not in os.environ:  # a launcher's or job script's choice wins
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world_size)))
     init_distributed(dist, timeout_s=config.train.dist_timeout_s)
     print(dist.describe(), flush=True)
     try:
@@ -455,15 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlbert-pretrain: {err}", file=sys.stderr)
         return 3
     if result.preempted:
-        # Rank 0 requeues the Slurm job (which ends every task); the others wait for that with exit code
-        # 0, so that `srun --kill-on-bad-exit` does not end rank 0 before it has asked. The signal is
-        # rank 0's; a rank that got none of its own (only the agreement) follows rank 0.
-        if os.environ.get("VLBERT_REQUEUE_ON_STOP") == "1" and os.environ.get("SLURM_JOB_ID"):
-            if not dist.is_main:
-                return 0
-            if requeue_wanted(result.stop_signal) and requeue_slurm_job():
-                return 0
-        return PREEMPTED_EXIT_CODE
+        return exit_code_after_stop(dist.is_main, result.stop_signal)
     if dist.is_main:
         print_summary(result)
     return 0
