@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,10 +148,17 @@ def step_metrics(engine, sums: dict[str, float], micro_steps: int) -> dict[str, 
     import torch.distributed as tdist
 
     keys = sorted(sums)
-    if tdist.is_initialized():  # ranks may differ in keys (a skip reason seen on one rank only): use the union
-        every: list[list[str]] = [[] for _ in range(tdist.get_world_size())]
-        tdist.all_gather_object(every, keys)
-        keys = sorted(set().union(*every))
+    if tdist.is_initialized():
+        # Ranks may differ in keys (a skip reason seen on one rank only). Compare a checksum of the key
+        # list first (one tiny all-reduce); only when they differ gather the lists and use the union.
+        checksum = torch.tensor([zlib.crc32("\n".join(keys).encode())] * 2, dtype=torch.float64,
+                                device=engine.device)
+        checksum[1] = -checksum[1]
+        tdist.all_reduce(checksum, op=tdist.ReduceOp.MAX)
+        if checksum[0] != -checksum[1]:
+            every: list[list[str]] = [[] for _ in range(tdist.get_world_size())]
+            tdist.all_gather_object(every, keys)
+            keys = sorted(set().union(*every))
     values = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=engine.device)  # NCCL: GPU
     if tdist.is_initialized():
         tdist.all_reduce(values)
