@@ -8,7 +8,7 @@ format (`kind` vqa | vcr | refcoco):
   "how many shapes are there ?", one answer per question (all ten "annotators" agree: score 1.0).
 - VCR: "what colour is [obj] ?" where the tag is rendered as the shape's name and grounded on that
   object's RoI; four answers "it is <colour> ." (one right); rationales "[obj] is <relation> the
-  <other object> ." with the right relation and three wrong ones.
+  <colour> <shape> ." about another object, wrong in the relation, that object's colour, or both.
 - RefCOCO+: scenes where two objects share a shape or a colour; the expression names the target by
   the attribute that tells it apart ("the red square" when another square is there), or by its
   relation to another object; candidate boxes are all objects (the "gt boxes" setting).
@@ -77,9 +77,26 @@ def _vcr(objects: list[SceneObject], rng: random.Random) -> dict[str, Any]:
     right_colour = COLOUR_NAMES[objects[target].colour]
     wrong_colours = rng.sample([c for c in COLOUR_NAMES if c != right_colour], 3)
     answers = [["it", "is", c, "."] for c in [right_colour, *wrong_colours]]
+    # Rationale: "[obj] is <relation> the <colour> <shape> ." about another object; a wrong one has the
+    # wrong relation, the wrong colour of that object, or both, and is false of every object in the scene.
     relation = _relation(objects[target], objects[other])
-    wrong_relations = [r for r in RELATIONS if r != relation]
-    rationales = [[[target], *r.split(), "the", [other], "."] for r in [relation, *wrong_relations]]
+    other_colour, other_shape = COLOUR_NAMES[objects[other].colour], objects[other].shape
+
+    def true_of_scene(rel: str, colour: str) -> bool:
+        return any(i != target and o.shape == other_shape and COLOUR_NAMES[o.colour] == colour
+                   and _relation(objects[target], o) == rel for i, o in enumerate(objects))
+
+    wrong_relation = rng.choice([r for r in RELATIONS if r != relation])
+    wrong_colour = rng.choice([c for c in COLOUR_NAMES if c != other_colour and not true_of_scene(relation, c)
+                               and not true_of_scene(wrong_relation, c)])
+    pairs = [(relation, other_colour), (wrong_relation, other_colour), (relation, wrong_colour),
+             (wrong_relation, wrong_colour)]
+    if true_of_scene(wrong_relation, other_colour):  # a same-looking object on that side: pick another side
+        wrong_relation = rng.choice([r for r in RELATIONS if not true_of_scene(r, other_colour)
+                                     and not true_of_scene(r, wrong_colour)])
+        pairs = [(relation, other_colour), (wrong_relation, other_colour), (relation, wrong_colour),
+                 (wrong_relation, wrong_colour)]
+    rationales = [[[target], "is", *r.split(), "the", c, SHAPES[other_shape], "."] for r, c in pairs]
     answer_order, rationale_order = list(range(4)), list(range(4))
     rng.shuffle(answer_order)
     rng.shuffle(rationale_order)
@@ -98,11 +115,19 @@ def _refcoco(objects: list[SceneObject], rng: random.Random) -> dict[str, Any] |
     target, _ = rng.choice(pairs)
     t = objects[target]
     descriptions = [_describe(o) for o in objects]
-    if descriptions.count(descriptions[target]) == 1 and rng.random() < 0.6:
+    # "the <shape> <relation> the <anchor>": only with an anchor described uniquely, and only when no
+    # other object of the target's shape stands in that relation to it.
+    relational = [f"the {SHAPES[t.shape]} {_relation(t, objects[a])} the {descriptions[a]}"
+                  for a in range(len(objects)) if a != target and descriptions.count(descriptions[a]) == 1
+                  and not any(o.shape == t.shape and _relation(o, objects[a]) == _relation(t, objects[a])
+                              for i, o in enumerate(objects) if i not in (target, a))]
+    unique = descriptions.count(descriptions[target]) == 1
+    if unique and (rng.random() < 0.6 or not relational):
         expression = f"the {descriptions[target]}"  # colour and shape: the distractor shares one of them
+    elif relational:
+        expression = rng.choice(relational)
     else:
-        anchor = rng.choice([i for i in range(len(objects)) if i != target])
-        expression = f"the {SHAPES[t.shape]} {_relation(t, objects[anchor])} the {descriptions[anchor]}"
+        return None
     return {"expression": expression, "target_box": list(t.box), "target_index": target}
 
 

@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", default=None, help="pretrained save_pretrained folder (task.init)")
     parser.add_argument("--quick", action="store_true", help="with --task all: the synthetic ablation")
     parser.add_argument("--output", default="runs/finetune-ablation", help="with --task all")
+    for flag, what in (("--pretrain-steps", "pretraining steps"), ("--finetune-steps", "fine-tuning steps per run"),
+                       ("--train-scenes", "synthetic training scenes per task"),
+                       ("--val-scenes", "synthetic validation scenes per task")):
+        parser.add_argument(flag, type=int, default=None, help=f"with --task all: {what} (default: the budget's)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -267,8 +271,23 @@ def main(argv: list[str] | None = None) -> int:
         if dist.world_size != 1:
             print("vlbert-finetune --task all runs in one process", file=sys.stderr)
             return 2
+        from dataclasses import replace
+
+        from vlbert_ds.train.ablation import FULL, QUICK
+
+        chosen = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
+                                    ("train_scenes", args.train_scenes), ("val_scenes", args.val_scenes))
+                  if v is not None}
+        if any(v < 1 for v in chosen.values()):
+            print("vlbert-finetune: budget values must be >= 1", file=sys.stderr)
+            return 2
         init_distributed(dist)
-        return run_ablation(args.output, args.init, quick=args.quick, overrides=args.overrides)
+        try:
+            return run_ablation(args.output, args.init, replace(QUICK if args.quick else FULL, **chosen),
+                                args.overrides)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"vlbert-finetune: {err}", file=sys.stderr)
+            return 2
     overrides = [f"task.name={args.task}", *([f"task.init={args.init}"] if args.init else []), *args.overrides]
     try:
         config = load_config(args.config, overrides)
