@@ -55,6 +55,32 @@ def test_vcr_scores_each_choice_from_the_pooled_cls_with_bce():
         VLBertForMultipleChoice(_config())
 
 
+def test_vcr_auxiliary_roi_classification_adds_cross_entropy_over_known_boxes(tmp_path):
+    torch.manual_seed(0)
+    model = VLBertForMultipleChoice(_config(with_pooler=True, num_object_classes=5)).eval()
+    batch = make_vl_batch(model.config, rows_vl=8, rows_text=0, regions=9)
+    labels = torch.tensor([0, 2])
+    objects = torch.tensor([[0, 3, -1, 1, 4, 2, 2, 0, 1]]).repeat(8, 1)  # -1: a category outside the list
+    objects[~batch.region_mask] = -1
+    out = model(TaskBatch(batch, num_choices=4, choice_labels=labels, object_labels=objects))
+    without = model(TaskBatch(batch, num_choices=4, choice_labels=labels))
+    hidden = model.vlbert(batch).region_output
+    logits = model.object_classifier(model.object_transform(hidden)).double()
+    known = batch.region_mask & (objects >= 0)
+    log_p = torch.log_softmax(logits, -1).gather(-1, objects.clamp(min=0)[..., None]).squeeze(-1)
+    expected = float(without.loss.detach()) - float(log_p[known].mean())
+    assert math.isclose(float(out.loss.detach()), expected, rel_tol=1e-5)
+
+    pretrained = VLBertForPretraining(_config())
+    with torch.no_grad():
+        pretrained.vlbert.embeddings.token_type_embeddings.weight[1].fill_(7.0)
+    pretrained.save_pretrained(tmp_path)
+    vcr = VLBertForMultipleChoice.from_pretraining(tmp_path, with_pooler=True, num_object_classes=5)
+    table = vcr.vlbert.embeddings.token_type_embeddings.weight
+    assert torch.equal(table[1], table[0]) and not torch.equal(table[0], table[2])  # B starts as A (official)
+    assert torch.equal(vcr.object_transform.dense.weight, pretrained.mrc_head.transform.dense.weight)
+
+
 def test_refcoco_never_picks_the_whole_image_and_counts_iou_hits():
     torch.manual_seed(0)
     model = VLBertForReferring(_config()).eval()
@@ -195,6 +221,13 @@ def test_vcr_converter_grounds_tags_and_refuses_bad_items(tmp_path):
     casey = [v for w, v in zip(words, visual, strict=True) if w == "casey"]
     assert casey == [1, 1]  # "person" 0 is rendered as a neutral name, grounded on RoI 1 (RoI 0 = image)
     assert task.batch.token_type_ids[0][task.batch.text_mask[0]].tolist()[-1] == 1  # the answer is segment B
+
+    from vlbert_ds.data.tasks import COCO_CLASSES, TaskDataConfig, TaskStream
+
+    config = TaskDataConfig(task="vcr", tokenizer=default_bert(), object_classes=list(COCO_CLASSES), num_workers=0)
+    (item,) = list(TaskStream(str(out), config, loop=False))
+    person, dog = COCO_CLASSES.index("person"), COCO_CLASSES.index("dog")
+    assert (person, dog) == (1, 17) and item.task.object_labels.tolist() == [[0, person, dog]] * 4
 
     (tmp_path / "bad.jsonl").write_text(json.dumps(_vcr_item("val-7", answers=3)) + "\n")
     bad = [*args[:4], str(tmp_path / "bad.jsonl"), *args[5:]]

@@ -38,6 +38,7 @@ class TaskDataConfig:
     task: str  # vqa | vcr | refcoco
     tokenizer: str
     answers: list[str] = field(default_factory=list)  # VQA answer vocabulary (index = class)
+    object_classes: list[str] = field(default_factory=list)  # VCR auxiliary RoI classes (0 = background); [] = off
     vcr_mode: str = "q2a"  # q2a | qa2r
     max_text: int = 64  # text tokens incl. [CLS]/[SEP]s
     max_regions: int = 100  # boxes kept (RoI 0 not counted)
@@ -56,6 +57,18 @@ class TaskDataConfig:
             raise ValueError(f"vcr_mode must be q2a or qa2r, got {self.vcr_mode!r}")
 
 
+# The 80 COCO categories after background: the official VCR auxiliary RoI classes (81-way).
+COCO_CLASSES = ("__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
+                "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+                "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag",
+                "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
+                "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
+                "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
+                "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv",
+                "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+                "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+
+
 @dataclass
 class TaskExample:
     key: str
@@ -67,6 +80,7 @@ class TaskExample:
     answer_target: np.ndarray | None = None
     choice_label: int = -1
     region_label: np.ndarray | None = None
+    object_labels: np.ndarray | None = None  # VCR [R] long: detector category per RoI, -1 = not a known class
     target_box: np.ndarray | None = None
 
 
@@ -89,6 +103,7 @@ class TaskExampleMaker:
         self.config = config
         self.tools = TokenizerTools(config.tokenizer)
         self.answer_index = {a: i for i, a in enumerate(config.answers)}
+        self.object_index = {name: i for i, name in enumerate(config.object_classes)}
 
     def _pieces(self, text: str) -> list[int]:
         return self.tools.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -181,7 +196,11 @@ class TaskExampleMaker:
             segments = np.array([0] * (len(first) + 2) + [1] * (len(ids_b) + 1))
             visual = np.array([0, *second, 0, *vis_b, 0])
             rows.append((ids, segments, visual))
-        return TaskExample(record.key, rows, boxes, features, size, choice_label=int(label))
+        object_labels = None
+        if self.object_index:  # RoI 0 (the whole image) is the background class, as the official code
+            object_labels = np.array([0] + [self.object_index.get(name, -1) for name in names[:kept]], dtype=np.int64)
+        return TaskExample(record.key, rows, boxes, features, size, choice_label=int(label),
+                           object_labels=object_labels)
 
 
 def collate_task(examples: list[TaskExample], task: str) -> TaskBatch:
@@ -223,6 +242,11 @@ def collate_task(examples: list[TaskExample], task: str) -> TaskBatch:
     elif task == "vcr":
         out.num_choices = len(examples[0].rows)
         out.choice_labels = torch.tensor([e.choice_label for e in examples])
+        if examples[0].object_labels is not None:
+            out.object_labels = torch.full((count, region_slots), -1, dtype=torch.long)
+            for i, e in enumerate(examples):
+                rows_of_item = slice(i * out.num_choices, (i + 1) * out.num_choices)
+                out.object_labels[rows_of_item, : e.object_labels.size] = torch.from_numpy(e.object_labels)
     else:
         labels = torch.zeros(count, region_slots)
         for i, e in enumerate(examples):

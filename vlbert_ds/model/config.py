@@ -75,6 +75,9 @@ class VLBertConfig:
     with_pooler: bool = False
     # Fine-tuning heads (vlbert_ds.model.tasks): size of the VQA answer vocabulary (0 = no VQA head).
     num_answers: int = 0
+    # VCR's auxiliary RoI classification over the object outputs (81 COCO classes in the official
+    # code, `ENABLE_CNN_REG_LOSS`); 0 = off.
+    num_object_classes: int = 0
     with_sentence_image_head: bool = False
 
     # --- runtime ---

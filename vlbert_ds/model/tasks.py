@@ -6,8 +6,12 @@
   (`BCE x 3129` in the official code).
 - VCR: one sequence per choice, `[CLS] Q [SEP] A_i [SEP] RoIs [END]`; the pooled [CLS] through dropout
   0.1 and Linear(H -> 1) gives one logit per choice; loss BCE per choice (the official
-  `CLASSIFIER_SIGMOID: true`; the paper says softmax). Not built: the official auxiliary 81-way RoI
-  classification loss on the object outputs.
+  `CLASSIFIER_SIGMOID: true`; the paper says softmax). With `config.num_object_classes` > 0, the
+  official auxiliary RoI classification (`ENABLE_CNN_REG_LOSS`, weight 1): every RoI output of every
+  choice row through the MRC transform (initialised from the pretrained MRC head) and
+  Linear(H -> classes), cross-entropy against the box's detector category (RoI 0 = class 0). Segment
+  B's embedding starts as a copy of segment A's (official `PARTIAL_PRETRAIN_SEGMB_INIT`): VL-BERT
+  pretraining never uses B, so its row is still BERT's.
 - RefCOCO+: `[CLS] expression [SEP] RoIs [END]`; each RoI output goes through the MRC transform
   (initialised from the pretrained MRC head), Linear(H -> 1); loss BCE against IoU(box, target) > 0.5.
   RoI 0 (the whole image) is never a candidate here, which the official code leaves to the labels.
@@ -42,6 +46,7 @@ class TaskBatch:
     answer_targets: Tensor | None = None  # VQA [B, A] float: soft VQA scores over the answer vocabulary
     num_choices: int = 0  # VCR: rows per item (4)
     choice_labels: Tensor | None = None  # VCR [B / num_choices] long: the right choice
+    object_labels: Tensor | None = None  # VCR [B, R] long: detector category per RoI, -1 = unknown
     region_labels: Tensor | None = None  # RefCOCO+ [B, R] float: IoU(box, target) > 0.5
     target_boxes: Tensor | None = None  # RefCOCO+ [B, 4]: the referred box, for the IoU >= 0.5 accuracy
     keys: list[str] = field(default_factory=list)  # item ids, for error messages and predictions
@@ -117,7 +122,9 @@ class VLBertForVQA(_TaskModel):
 
 
 class VLBertForMultipleChoice(_TaskModel):
-    """VCR Q->A or QA->R: one logit per choice from the pooled [CLS]."""
+    """VCR Q->A or QA->R: one logit per choice from the pooled [CLS] (+ the auxiliary RoI classes)."""
+
+    transform_from = ("object_transform.", "mrc_head.transform.")
 
     def __init__(self, config: VLBertConfig) -> None:
         super().__init__()
@@ -127,6 +134,25 @@ class VLBertForMultipleChoice(_TaskModel):
         self.vlbert = VLBertModel(config)
         self.dropout = nn.Dropout(0.1)
         self.classifier = _classifier(config.hidden_size, 1)
+        if config.num_object_classes > 0:
+            self.object_transform = MRCTransform(config)
+            init_bert_weights(self.object_transform, config.initializer_range)
+            self.object_classifier = _classifier(config.hidden_size, config.num_object_classes)
+
+    @classmethod
+    def from_pretraining(cls, folder: str | Path, **overrides: Any):
+        return cls._copy_segment_a_to_b(super().from_pretraining(folder, **overrides))
+
+    @classmethod
+    def from_bert(cls, folder: str | Path, **overrides: Any):
+        return cls._copy_segment_a_to_b(super().from_bert(folder, **overrides))
+
+    @staticmethod
+    def _copy_segment_a_to_b(model):
+        with torch.no_grad():
+            table = model.vlbert.embeddings.token_type_embeddings.weight
+            table[1].copy_(table[0])
+        return model
 
     def forward(self, task: TaskBatch) -> TaskOutput:
         out = self.vlbert(task.batch)
@@ -135,6 +161,11 @@ class VLBertForMultipleChoice(_TaskModel):
             return TaskOutput(None, logits)
         one_hot = nn.functional.one_hot(task.choice_labels, task.num_choices).float()
         loss = nn.functional.binary_cross_entropy_with_logits(logits, one_hot)
+        if self.config.num_object_classes > 0 and task.object_labels is not None:
+            known = task.batch.region_mask.bool() & (task.object_labels >= 0)
+            if known.any():
+                object_logits = self.object_classifier(self.object_transform(out.region_output[known])).float()
+                loss = loss + nn.functional.cross_entropy(object_logits, task.object_labels[known])
         correct = (logits.argmax(1) == task.choice_labels).float().sum()
         return TaskOutput(loss, logits, {"correct": correct.detach(), "count": torch.tensor(float(logits.shape[0]))})
 

@@ -162,7 +162,7 @@ def prepare_synthetic_tasks(out: str, tasks: tuple[str, ...] = ("vqa", "vcr", "r
                             val_scenes: int = 400, seed: int = 0, width: int = 320, height: int = 240,
                             samples_per_shard: int = 500, processes: int = 2,
                             overwrite: bool = False) -> list[PrepSummary]:
-    """Write `out/<task>/train`, `out/<task>/val` (and `out/vqa/answers.json`)."""
+    """Write `out/<task>/train`, `out/<task>/val`, `out/vqa/answers.json`, `out/vcr/object_classes.json`."""
     summaries = []
     for task in tasks:
         maker = SyntheticTaskMaker(task, seed, width, height)
@@ -174,12 +174,15 @@ def prepare_synthetic_tasks(out: str, tasks: tuple[str, ...] = ("vqa", "vcr", "r
             start += count
     if "vqa" in tasks:
         storage.write_json_atomic(storage.join(out, "vqa/answers.json"), VQA_ANSWERS)
+    if "vcr" in tasks:  # the synthetic "detector" categories: the VCR tags name shapes
+        storage.write_json_atomic(storage.join(out, "vcr/object_classes.json"), ["__background__", *SHAPES])
     return summaries
 
 
 def synthetic_ready(out: str, tasks: tuple[str, ...]) -> bool:
     return all(Path(out, task, split, "sizes.json").is_file() for task in tasks for split in ("train", "val")) and \
-        ("vqa" not in tasks or Path(out, "vqa", "answers.json").is_file())
+        ("vqa" not in tasks or Path(out, "vqa", "answers.json").is_file()) and \
+        ("vcr" not in tasks or Path(out, "vcr", "object_classes.json").is_file())
 
 
 def answers_file(folder: str) -> list[str]:

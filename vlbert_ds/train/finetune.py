@@ -56,7 +56,30 @@ def answer_vocabulary(config: RunConfig) -> list[str]:
     return answers
 
 
-def build_task_model(config: RunConfig, num_answers: int):
+def object_classes(config: RunConfig) -> list[str]:
+    """VCR's auxiliary RoI class list (`task.object_classes`); [] when off or not VCR."""
+    from vlbert_ds.data.tasks import COCO_CLASSES
+
+    choice = config.task.object_classes
+    if config.task.name != "vcr" or choice == "none":
+        return []
+    if choice == "auto":
+        beside = Path(config.task.train).parent / "object_classes.json"
+        if not beside.is_file():
+            return list(COCO_CLASSES)
+        choice = str(beside)
+    if choice == "coco":
+        return list(COCO_CLASSES)
+    path = Path(choice)
+    if not path.is_file():
+        raise FileNotFoundError(f"VCR object class list not found: {path} (task.object_classes)")
+    classes = json.loads(path.read_text())
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{path}: expected a JSON list of class names, background first")
+    return classes
+
+
+def build_task_model(config: RunConfig, num_answers: int, num_object_classes: int = 0):
     from vlbert_ds.model.tasks import TASK_MODELS
 
     cls = TASK_MODELS[config.task.name]
@@ -66,17 +89,18 @@ def build_task_model(config: RunConfig, num_answers: int):
         overrides["num_answers"] = num_answers
     if config.task.name == "vcr":
         overrides["with_pooler"] = True
+        overrides["num_object_classes"] = num_object_classes
     if config.task.init:
         return cls.from_pretraining(config.task.init, **overrides)
     bert = default_bert() if config.model.bert in ("", "default") else config.model.bert
     return cls.from_bert(bert, **overrides)
 
 
-def data_config(config: RunConfig, answers: list[str], train: bool):
+def data_config(config: RunConfig, answers: list[str], train: bool, classes: list[str] = ()):
     from vlbert_ds.data.tasks import TaskDataConfig
 
     tokenizer = default_bert() if config.data.tokenizer == "default" else config.data.tokenizer
-    return TaskDataConfig(task=config.task.name, tokenizer=tokenizer, answers=answers,
+    return TaskDataConfig(task=config.task.name, tokenizer=tokenizer, answers=answers, object_classes=list(classes),
                           vcr_mode=config.task.vcr_mode, max_text=config.task.max_text,
                           batch_size=config.task.batch_size, num_workers=config.data.num_workers if train else 0,
                           shuffle_buffer=config.data.shuffle_buffer, seed=config.train.seed, train=train)
@@ -141,7 +165,11 @@ def _finetune(config: RunConfig, dist: DistEnv, stop: StopRequests) -> FinetuneR
         print("resolved config:\n" + config.to_yaml(), flush=True)
         (output / "resolved_config.yaml").write_text(config.to_yaml())
     answers = answer_vocabulary(config)
-    model = build_task_model(config, len(answers))
+    classes = object_classes(config)
+    if dist.is_main and classes:
+        print(f"VCR auxiliary RoI classification over {len(classes)} classes ({', '.join(classes[1:6])}, ...)",
+              flush=True)
+    model = build_task_model(config, len(answers), len(classes))
     if dist.is_main and model.load_report is not None:
         print(model.load_report.summary(), flush=True)
     model_config = model.config.to_dict()
@@ -165,7 +193,7 @@ def _finetune(config: RunConfig, dist: DistEnv, stop: StopRequests) -> FinetuneR
         tracker.log_text(json.dumps(ds_config, indent=2), "config/ds_config.json")
 
     # Data: epoch-seeded shuffles; a resumed run starts a fresh pass (fine-tuning keeps no exact position).
-    data_cfg = data_config(config, answers, train=True)
+    data_cfg = data_config(config, answers, train=True, classes=classes)
     data_cfg.seed = config.train.seed + 1000 * state.epoch + state.step
     data = iter(task_loader(config.task.train, data_cfg, dist.rank, dist.world_size))
     metric_name = METRIC_NAMES[config.task.name]
