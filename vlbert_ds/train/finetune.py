@@ -30,6 +30,10 @@ from vlbert_ds.train.pretrain import TrainState, default_bert
 
 log = logging.getLogger("vlbert_ds.finetune")
 METRIC_NAMES = {"vqa": "vqa_accuracy", "vcr": "accuracy", "refcoco": "accuracy_iou50"}
+# `--task all` budget parts (fields of ablation.Budget) that a flag of the same name overrides.
+BUDGET_FLAGS = {"pretrain_steps": "pretraining steps", "finetune_steps": "fine-tuning steps per run",
+                "train_scenes": "synthetic training scenes per task",
+                "val_scenes": "synthetic validation scenes per task"}
 
 
 @dataclass
@@ -284,10 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", default=None, help="pretrained save_pretrained folder (task.init)")
     parser.add_argument("--quick", action="store_true", help="with --task all: the synthetic ablation")
     parser.add_argument("--output", default="runs/finetune-ablation", help="with --task all")
-    for flag, what in (("--pretrain-steps", "pretraining steps"), ("--finetune-steps", "fine-tuning steps per run"),
-                       ("--train-scenes", "synthetic training scenes per task"),
-                       ("--val-scenes", "synthetic validation scenes per task")):
-        parser.add_argument(flag, type=int, default=None, help=f"with --task all: {what} (default: the budget's)")
+    for name, what in BUDGET_FLAGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"with --task all: {what} (default: the budget's)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -303,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from vlbert_ds.train.ablation import FULL, QUICK
 
-        chosen = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
-                                    ("train_scenes", args.train_scenes), ("val_scenes", args.val_scenes))
-                  if v is not None}
+        chosen = {name: getattr(args, name) for name in BUDGET_FLAGS if getattr(args, name) is not None}
         if any(v < 1 for v in chosen.values()):
             print("vlbert-finetune: budget values must be >= 1", file=sys.stderr)
             return 2
