@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from conftest import make_vl_batch
 from torchvision.ops import FrozenBatchNorm2d
@@ -99,3 +102,41 @@ def test_backbone_weights_load_from_a_local_torchvision_file(tmp_path):
     assert torch.equal(front.res4[1].conv2.weight, source.layer3[1].conv2.weight)
     assert torch.equal(front.res5[0].conv1.weight, source.layer4[0].conv1.weight)  # res5 from layer4
     assert torch.equal(front.stem[1].running_mean, source.bn1.running_mean)
+
+
+def _cast_like_deepspeed(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """What DeepSpeed's bf16/fp16 engine does to a module: parameters cast, buffers left in fp32."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+def _uint8_batch(config, seed: int = 0):
+    batch = _with_targets(make_vl_batch(config, rows_vl=2, rows_text=1, seed=seed), config)
+    gen = torch.Generator().manual_seed(seed)
+    batch.images = torch.randint(0, 256, batch.images.shape, dtype=torch.uint8, generator=gen)  # as the loader ships
+    return batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_end_to_end_trains_in_each_precision_as_the_engine_casts_it(dtype):
+    """Forward and backward at DeepSpeed's cast (fp32 BatchNorm buffers, low-precision weights)."""
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        pytest.skip("fp16 needs a GPU: DeepSpeed refuses it on CPU (and CPU fp16 convolutions take minutes)")
+    torch.manual_seed(0)
+    config = _config()
+    reference = VLBertForPretraining(config).train()
+    model = _cast_like_deepspeed(copy.deepcopy(reference), dtype)
+    batch = _uint8_batch(config)
+    out = model(batch)
+    assert torch.isfinite(out.loss), out.losses
+    out.loss.backward()
+    res4 = [p.grad for p in model.vlbert.appearance.res4.parameters()]
+    assert all(g is not None and g.dtype == dtype for g in res4)
+    assert sum(float(g.float().abs().sum()) for g in res4) > 0
+    # The low-precision loss is the fp32 loss up to rounding (dropout is seeded identically).
+    torch.manual_seed(1)
+    ref_loss = float(reference(batch).loss.detach())
+    torch.manual_seed(1)
+    low_loss = float(model(batch).loss.detach())
+    assert abs(low_loss - ref_loss) <= (1e-5 if dtype == torch.float32 else 0.1) * max(1.0, abs(ref_loss))

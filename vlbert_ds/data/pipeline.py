@@ -47,6 +47,7 @@ from vlbert_ds.data.examples import (
 )
 from vlbert_ds.data.schema import SampleError, decode_text, decode_vl
 from vlbert_ds.data.tarstream import iter_members
+from vlbert_ds.lifecycle import die_with_parent, stop_children_at_exit
 from vlbert_ds.model.inputs import VLBatch
 
 log = logging.getLogger(__name__)
@@ -403,20 +404,26 @@ def build_loader(config: LoaderConfig, rank: int = 0, world_size: int = 1, epoch
     """The stream for this rank and a DataLoader over it (workers batch and collate; no re-batching)."""
     stream = PretrainStream(config, rank, world_size)
     stream.set_epoch(epoch, consumed_batches)
-    loader = DataLoader(stream, batch_size=None, num_workers=config.num_workers, collate_fn=_identity,
-                        persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
-                        worker_init_fn=_ignore_scheduler_signals)
-    return stream, loader
+    return stream, worker_loader(stream, config.num_workers)
 
 
-def _ignore_scheduler_signals(worker_id: int) -> None:
-    """Workers ignore SIGTERM/SIGUSR1: the training process decides when to stop.
+def worker_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    """A DataLoader over a stream that yields whole batches, with workers that end with the trainer."""
+    if num_workers:
+        stop_children_at_exit()
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      worker_init_fn=init_worker)
+def init_worker(worker_id: int) -> None:
+    """Workers die with the trainer and ignore SIGTERM/SIGUSR1: the training process decides when to stop.
 
     Slurm signals every process of a task. PyTorch's workers die on SIGTERM, and the training process
-    then fails with "DataLoader worker is killed by signal" before it can save its checkpoint. Ignoring
-    it costs nothing: a worker still ends on the loader's shutdown sentinel, or within seconds of its
-    parent's death (the worker watchdog), or on the SIGKILL that follows.
+    then fails with "DataLoader worker is killed by signal" before it can save its checkpoint. Since a
+    worker then cannot be ended with SIGTERM, it ends on the loader's shutdown sentinel, on the kernel's
+    SIGKILL when the trainer dies (`die_with_parent`, however it dies), or on the trainer's exit handler
+    (`stop_children_at_exit`), which SIGKILLs workers that are still running when the trainer exits.
     """
+    die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 

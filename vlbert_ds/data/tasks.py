@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from vlbert_ds.data import storage
 from vlbert_ds.data.examples import TokenizerTools
-from vlbert_ds.data.pipeline import ShardPiece, SkipCounter, _identity, _ignore_scheduler_signals, read_piece, shuffled
+from vlbert_ds.data.pipeline import ShardPiece, SkipCounter, read_piece, shuffled, worker_loader
 from vlbert_ds.data.schema import TASK_KINDS, SampleError, TaskRecord, decode_task
 from vlbert_ds.model.inputs import VLBatch
 from vlbert_ds.model.tasks import TaskBatch
@@ -326,5 +326,4 @@ _READ = _ReadSettings()
 
 def task_loader(spec: str, config: TaskDataConfig, rank: int = 0, world_size: int = 1, loop: bool = True):
     stream = TaskStream(spec, config, rank, world_size, loop)
-    return DataLoader(stream, batch_size=None, num_workers=config.num_workers, collate_fn=_identity,
-                      persistent_workers=False, worker_init_fn=_ignore_scheduler_signals)
+    return worker_loader(stream, config.num_workers)

@@ -47,9 +47,24 @@ class PrecomputedAppearance(nn.Module):
         return features
 
 
+class FrozenBatchNorm(FrozenBatchNorm2d):
+    """torchvision's `FrozenBatchNorm2d` whose output keeps the input's dtype.
+
+    Mixed-precision engines (DeepSpeed bf16/fp16) cast parameters but keep buffers in fp32, and the
+    frozen statistics are buffers: torchvision's version would then promote every activation after the
+    first BatchNorm to fp32 and the next low-precision convolution would refuse it. The scale and shift
+    are folded in fp32 (as precise as the statistics) and applied in the activation's dtype.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
+
+
 def _build_resnet(config: VLBertConfig) -> nn.Module:
     """A torchvision ResNet with frozen BN, Caffe-style stride placement and a dilated res5."""
-    net = getattr(torchvision.models, config.backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
+    net = getattr(torchvision.models, config.backbone)(weights=None, norm_layer=FrozenBatchNorm)
     for layer in (net.layer2, net.layer3):
         first = layer[0]
         if config.backbone_stride_in_1x1 and isinstance(first, Bottleneck):
@@ -151,7 +166,7 @@ class FastRCNNAppearance(nn.Module):
 
         Shipping uint8 and normalising here moves 4x fewer bytes from the loader to the device.
         """
-        dtype = self.res2[0].conv1.weight.dtype
+        dtype = self.stem[0].weight.dtype  # the first layer's: engines may cast weights but not buffers
         images = images.flip(1).to(dtype) - self.pixel_mean_bgr.to(dtype)
         height, width = images.shape[-2:]
         inside_y = torch.arange(height, device=images.device)[None, :] < image_size[:, 1:2]
@@ -172,8 +187,12 @@ class FastRCNNAppearance(nn.Module):
         image_index, region_index = region_mask.nonzero(as_tuple=True)
         rois = torch.cat((image_index[:, None].to(feature_map.dtype),
                           boxes[image_index, region_index].to(feature_map.dtype)), dim=1)
-        pooled = roi_align(feature_map, rois, output_size=self.output_size, spatial_scale=1.0 / 16,
-                           sampling_ratio=self.sampling_ratio, aligned=False)
+        # torchvision's CPU kernel has no bf16 version: pool in fp32 there, back to bf16 after.
+        pool_dtype = torch.float32 if feature_map.device.type == "cpu" and feature_map.dtype == torch.bfloat16 \
+            else feature_map.dtype
+        pooled = roi_align(feature_map.to(pool_dtype), rois.to(pool_dtype), output_size=self.output_size,
+                           spatial_scale=1.0 / 16, sampling_ratio=self.sampling_ratio,
+                           aligned=False).to(feature_map.dtype)
         per_roi = self.res5(pooled).mean(dim=(2, 3))  # AvgPool2d(14) + flatten
         out = per_roi.new_zeros(*region_mask.shape, per_roi.shape[-1])
         out[image_index, region_index] = per_roi

@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+import fsspec
+
 from vlbert_ds.data import storage
 from vlbert_ds.prep.writer import PrepSummary, chunk, write_dataset
 
@@ -27,6 +29,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="worker processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="redo shards whose stats file already exists")
     parser.add_argument("--tokenizer", default=None, help="BERT tokenizer folder (default: the bundled MiniLM)")
+    parser.add_argument("--skipped-log", default=None, metavar="FILE",
+                        help="write every skipped input row with its reason here, one JSON object a line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--image-root", default=None, help="folder that relative image paths live in "
                           "(default: the manifest's folder)")
     captions.add_argument("--regions", default=None,
-                          help="bottom-up-attention TSV file(s), comma-separated, or a folder of frcnn JSON")
+                          help="region file(s), comma-separated: bottom-up-attention or LXMERT TSV (also "
+                               "generate_tsv.py's feats.tsv.0 and .tsv.gz), or a folder of frcnn JSON")
+    captions.add_argument("--allow-local-urls", action="store_true",
+                          help="let manifest image references be absolute paths or file:// (and other "
+                               "local-filesystem) URLs; off by default so that a manifest cannot read "
+                               "arbitrary files of this machine")
     captions.add_argument("--no-images", action="store_true",
                           help="store region features only (precomputed mode); needs --regions")
     captions.add_argument("--short-side", type=int, default=600)
@@ -98,8 +107,15 @@ def run_task(args: argparse.Namespace) -> list[PrepSummary]:
         if args.build_vocabulary:
             if not args.annotations:
                 raise ValueError("--build-vocabulary needs --annotations")
-            vocabulary = tasks.build_answer_vocabulary(tasks.read_json(args.annotations)["annotations"],
-                                                       args.min_answer_count, args.max_answers)
+            annotations = tasks.read_json(args.annotations)["annotations"]
+            vocabulary = tasks.build_answer_vocabulary(annotations, args.min_answer_count, args.max_answers)
+            if not vocabulary:
+                top = tasks.most_common_answer(annotations)
+                raise ValueError(f"--build-vocabulary: no answer of {args.annotations} is given at least "
+                                 f"--min-answer-count={args.min_answer_count} times"
+                                 + (f" (the most frequent, {top[0]!r}, is given {top[1]} times)" if top else
+                                    " (it has no annotations)")
+                                 + "; lower --min-answer-count for a small set")
             storage.write_json_atomic(storage.join(args.out, "answers.json"), vocabulary)
             print(f"answer vocabulary: {len(vocabulary)} answers -> {storage.join(args.out, 'answers.json')}")
     elif args.command == "vcr":
@@ -110,7 +126,7 @@ def run_task(args: argparse.Namespace) -> list[PrepSummary]:
             raise ValueError(f"no RefCOCO+ references in split {args.split!r}")
     maker = tasks.TaskRowMaker(args.command, args.regions)
     return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, args.command,
-                          args.processes, args.overwrite)]
+                          args.processes, args.overwrite, args.skipped_log)]
 
 
 def run(args: argparse.Namespace) -> list[PrepSummary]:
@@ -128,14 +144,14 @@ def run(args: argparse.Namespace) -> list[PrepSummary]:
         maker = CaptionSampleMaker(root, args.regions, tokenizer, with_images=not args.no_images,
                                    short_side=args.short_side, max_long_side=args.max_long_side)
         return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, "vl", args.processes,
-                              args.overwrite)]
+                              args.overwrite, args.skipped_log)]
     if args.command == "text":
         from vlbert_ds.prep.text import TextSegmentMaker, read_paragraphs, segment_windows
 
         windows = segment_windows(read_paragraphs(args.inputs), args.min_words)
         maker = TextSegmentMaker(tokenizer, args.min_words, args.max_wordpieces)
         return [write_dataset(args.out, list(chunk(windows, args.samples_per_shard)), maker, "text",
-                              args.processes, args.overwrite)]
+                              args.processes, args.overwrite, args.skipped_log)]
     from vlbert_ds.prep.default import prepare_default
 
     return prepare_default(args.out, tokenizer, args.num_images, args.num_val_images, args.num_text_segments,
@@ -143,23 +159,70 @@ def run(args: argparse.Namespace) -> list[PrepSummary]:
                            args.overwrite)
 
 
+# Each command's input arguments: (attribute, flag, what it must be).
+_INPUTS = {
+    "captions": [("manifest", "--manifest", "file"), ("image_root", "--image-root", "folder"),
+                 ("regions", "--regions", "any")],
+    "text": [("inputs", "inputs", "file")],
+    "vqa": [("questions", "--questions", "file"), ("annotations", "--annotations", "file"),
+            ("regions", "--regions", "any")],
+    "vcr": [("annotations", "--annotations", "file"), ("metadata_root", "--metadata-root", "folder"),
+            ("regions", "--regions", "any")],
+    "refcoco": [("refs", "--refs", "file"), ("instances", "--instances", "file"), ("regions", "--regions", "any")],
+}
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every input named on the command line exists, before the output folder is touched."""
+    for attribute, flag, kind in _INPUTS.get(args.command, []):
+        value = getattr(args, attribute, None)
+        if not value:
+            continue
+        urls = value if isinstance(value, list) else [p for p in value.split(",") if p] \
+            if attribute == "regions" else [value]
+        for url in urls:
+            fs, path = fsspec.core.url_to_fs(url)
+            if not fs.exists(path):
+                raise ValueError(f"{flag} {url}: no such {'file' if kind == 'file' else 'file or folder'}")
+            if kind == "file" and fs.isdir(path):
+                raise ValueError(f"{flag} {url}: is a folder, expected a file")
+            if kind == "folder" and not fs.isdir(path):
+                raise ValueError(f"{flag} {url}: is not a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    prog = f"vlbert-prep {args.command}"
+    try:
+        check_inputs(args)
+    except ValueError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
     try:
         storage.makedirs(args.out)
-        summaries = run(args)
-    except (OSError, PermissionError) as err:
-        print(f"vlbert-prep: cannot write {args.out}: {type(err).__name__}: {err}", file=sys.stderr)
+    except OSError as err:
+        print(f"{prog}: cannot create the output folder {args.out}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
-        print(f"vlbert-prep: {err}", file=sys.stderr)
+    try:
+        summaries = run(args)
+    except FileNotFoundError as err:
+        print(f"{prog}: {err.filename or ''}{': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permission denied, ... (reading inputs or writing shards)
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"{prog}: {type(err).__name__}{where}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     for summary in summaries:
         print(summary.table())
     if any(s.samples == 0 for s in summaries):
-        print("vlbert-prep: nothing usable was produced for "
-              + ", ".join(s.out for s in summaries if s.samples == 0), file=sys.stderr)
+        print(f"{prog}: nothing usable was produced for "
+              + ", ".join(s.out for s in summaries if s.samples == 0)
+              + (f" (every skipped row is listed in {args.skipped_log})" if args.skipped_log
+                 else " (rerun with --skipped-log FILE to list every skipped row and why)"), file=sys.stderr)
         return 1
     return 0
 

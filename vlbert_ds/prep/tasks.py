@@ -33,9 +33,24 @@ _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "fou
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 
 
+PICKLE_TO_JSON = ("python -c \"import pickle, json; json.dump(pickle.load(open('refs(unc).p', 'rb')), "
+                  "open('refs.json', 'w'))\"")
+
+
 def read_json(url: str) -> Any:
-    with fsspec.open(url, "rt") as handle:
-        return json.load(handle)
+    """A JSON file; a pickle is refused (never unpickled) with the conversion to run, bad JSON names its line."""
+    with fsspec.open(url, "rb", compression="infer") as handle:
+        data = handle.read()
+    if data[:1] == b"\x80" or url.lower().endswith((".p", ".pkl", ".pickle")):
+        raise ValueError(f"{url} is a Python pickle (like the refer toolkit's refs(unc).p). Pickles can run code "
+                         "when loaded, so vlbert-prep refuses them; convert it once, on a machine you trust, with "
+                         f"{PICKLE_TO_JSON} and pass the JSON")
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{url}: not a UTF-8 JSON file ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{url}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
 
 
 def normalize_answer(answer: str) -> str:
@@ -63,6 +78,11 @@ def build_answer_vocabulary(annotations: list[dict[str, Any]], min_count: int = 
     """Answers given as `multiple_choice_answer` at least `min_count` times, most frequent first."""
     counts = Counter(normalize_answer(a["multiple_choice_answer"]) for a in annotations)
     return [a for a, n in sorted(counts.items(), key=lambda x: (-x[1], x[0])) if n >= min_count][:max_answers]
+
+
+def most_common_answer(annotations: list[dict[str, Any]]) -> tuple[str, int] | None:
+    counts = Counter(normalize_answer(a["multiple_choice_answer"]) for a in annotations)
+    return counts.most_common(1)[0] if counts else None
 
 
 @dataclass
@@ -126,7 +146,11 @@ def vcr_rows(annotations_url: str, metadata_root: str) -> list[TaskRow]:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            item = json.loads(line)
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{annotations_url} line {line_number}: invalid JSON ({err.msg}, column "
+                                 f"{err.colno})") from err
             item_id = str(item.get("annot_id", f"line {line_number}"))
             objects = item.get("objects") or []
             for field in ("answer_choices", "rationale_choices"):

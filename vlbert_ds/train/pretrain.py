@@ -374,6 +374,7 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
             checkpoints.save(engine, state.step, state.to_client_state(), model_config)
             tracker.flush()  # metrics up to a committed checkpoint are never logged twice
         faults.maybe_exit_after(state.step, dist.rank)
+        faults.maybe_raise(state.step, dist.rank)
         if stop.should_stop(engine.device) and state.step < config.train.steps:
             if state.step % config.checkpoint.every != 0:
                 checkpoints.save(engine, state.step, state.to_client_state(), model_config)
