@@ -3,8 +3,17 @@
 Manifest rows (JSONL, TSV/CSV with a header, or parquet) have `caption` and either `image` (a path
 relative to `--image-root` or an fsspec URL such as `s3://bucket/x.jpg`) or, with `--no-images`, only
 an `image_id` whose regions come from `--regions`. Optional: `boxes` ([[x1, y1, x2, y2], ...] in
-original image pixels) and `image_id` (the join key into `--regions`). Absolute paths and `..` are
-refused: a manifest must not be able to read arbitrary files of the machine that runs the tool.
+pixels of the image as displayed, i.e. after its EXIF orientation) and `image_id` (the join key into
+`--regions`).
+
+A manifest must not be able to read arbitrary files of the machine that runs the tool: absolute
+paths, `~`, `..` and every URL that reaches the local filesystem (`file://`, `local://`, and chains such
+as `simplecache::file://...` or `zip://...`) are refused and counted as `unsafe_path`, unless the user
+passes `--allow-local-urls`. Remote URLs (s3, gs, http(s), az, ...) are allowed, also behind fsspec's
+caching wrappers (`simplecache::s3://...`).
+
+Rows that cannot be parsed (a broken JSON line, a TSV/CSV row with too many or too few fields) are
+counted as `malformed_row`; a TSV/CSV without a header row naming `caption` is refused as a whole.
 """
 
 from __future__ import annotations
@@ -24,6 +33,13 @@ from vlbert_ds.prep.images import check_boxes, open_image, read_bytes, resize_an
 from vlbert_ds.prep.lazy import LazyTools
 from vlbert_ds.prep.regions import Regions, open_regions, select_boxes
 
+# Protocols that reach other machines; every other one (file, local, memory, zip, tar, dir, ...) can read
+# this machine's files and needs --allow-local-urls.
+REMOTE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "http", "https", "az", "abfs", "abfss", "adl", "oss",
+                              "hf", "webhdfs", "ftp", "sftp", "ssh", "oci", "wandb"})
+CACHE_WRAPPERS = frozenset({"simplecache", "filecache", "blockcache"})
+MANIFEST_COLUMNS = ("caption", "image", "image_id", "boxes")
+
 
 @dataclass
 class CaptionRow:
@@ -31,33 +47,61 @@ class CaptionRow:
     image: str | None = None
     image_id: str | None = None
     boxes: Any = None
+    malformed: str | None = None  # why the row could not be parsed (counted as malformed_row)
 
 
-def read_manifest(url: str) -> list[CaptionRow]:
-    """Parse a manifest; malformed rows become rows with an empty caption (counted when processed)."""
-    lower = url.lower()
+def _records(url: str) -> list[dict[str, Any] | str]:
+    """The manifest's records; a string stands for a row that could not be parsed (and says why)."""
+    lower = url.lower().removesuffix(".gz").removesuffix(".bz2").removesuffix(".xz").removesuffix(".zst")
     if lower.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         with fsspec.open(url, "rb") as handle:
-            records = pq.read_table(handle).to_pylist()
-    else:
-        with fsspec.open(url, "rt", encoding="utf-8") as handle:
+            return pq.read_table(handle).to_pylist()
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as handle:
             text = handle.read()
-        if lower.endswith((".tsv", ".csv")):
-            delimiter = "\t" if lower.endswith(".tsv") else ","
-            records = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
-        else:
-            records = []
-            for line in text.splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    records.append({})
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--manifest {url}: not UTF-8 text ({err}); expected JSONL, TSV/CSV or parquet") from err
+    if lower.endswith((".tsv", ".csv")):
+        delimiter = "\t" if lower.endswith(".tsv") else ","
+        reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return []
+        if "caption" not in header:
+            raise ValueError(f"--manifest {url}: the first row {header[:4]} is not a header naming a 'caption' "
+                             f"column; a {lower.rsplit('.', 1)[1].upper()} manifest needs a header row with the "
+                             f"columns it has, of {', '.join(MANIFEST_COLUMNS)}")
+        records: list[dict[str, Any] | str] = []
+        for line_number, fields in enumerate(reader, 2):
+            if not any(f.strip() for f in fields):
+                continue
+            if len(fields) != len(header):
+                records.append(f"line {line_number}: {len(fields)} fields, the header has {len(header)}")
+            else:
+                records.append(dict(zip(header, fields, strict=True)))
+        return records
+    records = []
+    for line_number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            records.append(f"line {line_number}: invalid JSON ({err})")
+            continue
+        records.append(record if isinstance(record, dict) else f"line {line_number}: not a JSON object")
+    return records
+
+
+def read_manifest(url: str) -> list[CaptionRow]:
+    """Parse a manifest; rows that cannot be parsed are kept as `malformed` rows (counted when processed)."""
     rows = []
-    for record in records:
+    for record in _records(url):
+        if isinstance(record, str):
+            rows.append(CaptionRow(caption="", malformed=record))
+            continue
         boxes = record.get("boxes")
         if isinstance(boxes, str) and boxes.strip():
             try:
@@ -74,11 +118,25 @@ def read_manifest(url: str) -> list[CaptionRow]:
     return rows
 
 
-def resolve_image(reference: str, image_root: str) -> str:
-    if "://" in reference:
+def is_remote_url(reference: str) -> bool:
+    """A URL whose target is another machine: remote protocol, optionally behind fsspec cache wrappers."""
+    *wrappers, target = reference.split("::")
+    if any(w.split("://", 1)[0].lower() not in CACHE_WRAPPERS for w in wrappers):
+        return False
+    return "://" in target and target.split("://", 1)[0].lower() in REMOTE_PROTOCOLS
+
+
+def resolve_image(reference: str, image_root: str, allow_local: bool = False) -> str:
+    """Where to read a manifest's image reference; local-filesystem escapes need `allow_local`."""
+    if "://" in reference or "::" in reference:
+        if not allow_local and not is_remote_url(reference):
+            raise SampleError("unsafe_path", f"{reference}: reads this machine's files (--allow-local-urls permits it)")
         return reference
-    if reference.startswith("/") or ".." in reference.replace("\\", "/").split("/"):
-        raise SampleError("unsafe_path", reference)
+    if not allow_local and (reference.startswith(("/", "~", "\\")) or ".." in reference.replace("\\", "/").split("/")
+                            or (len(reference) > 1 and reference[1] == ":")):
+        raise SampleError("unsafe_path", f"{reference}: outside --image-root (--allow-local-urls permits it)")
+    if reference.startswith("/"):
+        return reference
     return posixpath.join(image_root.rstrip("/"), reference) if image_root else reference
 
 
@@ -88,8 +146,10 @@ class CaptionSampleMaker(LazyTools):
     LAZY = ("_tokenizer", "_regions")
 
     def __init__(self, image_root: str, regions: str | None, tokenizer: str, with_images: bool = True,
-                 short_side: int = 600, max_long_side: int = 1000, quality: int = 90) -> None:
+                 short_side: int = 600, max_long_side: int = 1000, quality: int = 90,
+                 allow_local_urls: bool = False) -> None:
         self.image_root, self.regions_spec, self.tokenizer_folder = image_root, regions, tokenizer
+        self.allow_local_urls = allow_local_urls
         self.with_images, self.short_side, self.max_long_side, self.quality = (
             with_images, short_side, max_long_side, quality)
         self._regions = self._tokenizer = None
@@ -101,6 +161,8 @@ class CaptionSampleMaker(LazyTools):
         return self._regions
 
     def __call__(self, row: CaptionRow, shard: int, position: int) -> list[dict[str, Any]]:
+        if row.malformed:
+            raise SampleError("malformed_row", row.malformed)
         caption = " ".join((row.caption or "").split())
         if not caption or not self.tokenizer(caption, add_special_tokens=False)["input_ids"]:
             raise SampleError("empty_caption")
@@ -114,7 +176,7 @@ class CaptionSampleMaker(LazyTools):
         if self.with_images:
             if not row.image:
                 raise SampleError("missing_image")
-            image = open_image(read_bytes(resolve_image(row.image, self.image_root)))
+            image = open_image(read_bytes(resolve_image(row.image, self.image_root, self.allow_local_urls)))
             width0, height0 = image.size
             jpeg, width, height, scale = resize_and_encode(image, self.short_side, self.max_long_side, self.quality)
         else:

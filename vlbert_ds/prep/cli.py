@@ -130,6 +130,10 @@ def run_task(args: argparse.Namespace) -> list[PrepSummary]:
 
 
 def run(args: argparse.Namespace) -> list[PrepSummary]:
+    if getattr(args, "regions", None):
+        from vlbert_ds.prep.regions import check_regions
+
+        print(f"regions: {check_regions(args.regions)}", flush=True)
     if args.command in ("vqa", "vcr", "refcoco"):
         return run_task(args)
     tokenizer = args.tokenizer or default_tokenizer()
@@ -142,7 +146,8 @@ def run(args: argparse.Namespace) -> list[PrepSummary]:
         root = args.image_root if args.image_root is not None else args.manifest.rsplit("/", 1)[0] \
             if "/" in args.manifest else "."
         maker = CaptionSampleMaker(root, args.regions, tokenizer, with_images=not args.no_images,
-                                   short_side=args.short_side, max_long_side=args.max_long_side)
+                                   short_side=args.short_side, max_long_side=args.max_long_side,
+                                   allow_local_urls=args.allow_local_urls)
         return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, "vl", args.processes,
                               args.overwrite, args.skipped_log)]
     if args.command == "text":

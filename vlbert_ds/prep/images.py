@@ -7,7 +7,7 @@ import warnings
 
 import fsspec
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vlbert_ds.data.schema import SampleError
 
@@ -27,7 +27,11 @@ def read_bytes(url: str) -> bytes:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Decode to RGB, refusing degenerate sizes and decompression bombs before decoding pixels."""
+    """Decode to RGB as displayed, refusing degenerate sizes and decompression bombs before decoding pixels.
+
+    The EXIF orientation is applied first: boxes in a manifest are drawn on the image as viewers show
+    it (a phone's portrait photo is stored landscape with an orientation tag).
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -36,6 +40,8 @@ def open_image(data: bytes) -> Image.Image:
             if width * height > MAX_PIXELS:
                 raise SampleError("image_too_large", f"{width} x {height}")
             image.load()
+            image = ImageOps.exif_transpose(image)
+            width, height = image.size
     except SampleError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -46,7 +52,40 @@ def open_image(data: bytes) -> Image.Image:
         raise SampleError("image_too_small", f"{width} x {height}")
     if max(width, height) > MAX_SIDE:
         raise SampleError("image_too_large", f"{width} x {height}")
-    return image.convert("RGB")
+    try:
+        return to_rgb(image)
+    except (ValueError, OSError) as err:
+        raise SampleError("unreadable_image", f"mode {image.mode}: {err}") from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from every mode Pillow opens, by value range rather than by clipping.
+
+    Pillow's own `convert("RGB")` clips 16/32-bit integer images at 255 (a 16-bit PNG turns white) and
+    drops alpha (transparent pixels show whatever colour they hold). Here high-bit-depth images are
+    scaled to 0-255, float images taken as 0-1 (or 0-255 when larger), and transparency is composited
+    on white, as img2dataset does.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            top = 1.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 255.0
+        elif mode == "I" and pixels.size and pixels.max() > 65535:
+            top = float(pixels.max())
+        else:
+            top = 65535.0 if mode != "I" or (pixels.size and pixels.max() > 255) else 255.0
+        gray = np.clip(np.nan_to_num(pixels) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "P" and "transparency" in image.info) \
+        or (mode in ("L", "RGB") and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
 def resize_scale(width: int, height: int, short_side: int, max_long_side: int) -> float:

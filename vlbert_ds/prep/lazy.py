@@ -24,6 +24,15 @@ class LazyTools:
             options["tokenizer_folder"] = tokenizer_digest(options["tokenizer_folder"])
         return {"__type__": type(self).__name__, **options}
 
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import BertTokenizerFast
+
+            self._tokenizer = BertTokenizerFast.from_pretrained(self.tokenizer_folder)
+            self._tokenizer.model_max_length = 1 << 30  # we tokenise long segments on purpose
+        return self._tokenizer
+
 
 def tokenizer_digest(folder: str) -> str:
     """sha256 over a tokenizer folder's vocabulary and settings files (what decides the token ids)."""
@@ -36,12 +45,3 @@ def tokenizer_digest(folder: str) -> str:
         if path.is_file():
             digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import BertTokenizerFast
-
-            self._tokenizer = BertTokenizerFast.from_pretrained(self.tokenizer_folder)
-            self._tokenizer.model_max_length = 1 << 30  # we tokenise long segments on purpose
-        return self._tokenizer
