@@ -130,10 +130,6 @@ def run_task(args: argparse.Namespace) -> list[PrepSummary]:
 
 
 def run(args: argparse.Namespace) -> list[PrepSummary]:
-    if getattr(args, "regions", None):
-        from vlbert_ds.prep.regions import check_regions
-
-        print(f"regions: {check_regions(args.regions)}", flush=True)
     if args.command in ("vqa", "vcr", "refcoco"):
         return run_task(args)
     tokenizer = args.tokenizer or default_tokenizer()
@@ -193,6 +189,10 @@ def check_inputs(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag} {url}: is a folder, expected a file")
             if kind == "folder" and not fs.isdir(path):
                 raise ValueError(f"{flag} {url}: is not a folder")
+    if getattr(args, "regions", None):
+        from vlbert_ds.prep.regions import check_regions
+
+        print(f"regions: {check_regions(args.regions)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
