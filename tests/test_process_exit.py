@@ -7,6 +7,7 @@ The bounds are minutes (generous on a loaded 2-core machine); the hang they guar
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -125,3 +126,41 @@ def test_loader_workers_die_with_a_sigkilled_trainer(default_data, tmp_path):
         assert wait_gone(tag, 30) == []
     finally:
         finish(procs, tag, tmp_path)
+
+
+def test_a_sigkilled_prep_leaves_no_worker_and_the_rerun_cleans_its_temporaries(tmp_path):
+    """SIGKILL `vlbert-prep` (the parent alone) at a random moment while its 2 pool workers write shards."""
+    import random
+
+    tag = uuid.uuid4().hex
+    out = tmp_path / "default"
+    args = [sys.executable, "-m", "vlbert_ds.prep.cli", "default", "--out", str(out), "--num-images", "600",
+            "--num-val-images", "20", "--num-text-segments", "40", "--samples-per-shard", "30", "--processes", "2"]
+    env = {**os.environ, "VLBERT_TEST_TAG": tag, "TQDM_DISABLE": "1"}
+    log = open(tmp_path / "prep.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + EXIT_BOUND_S
+        while len(list((out / "vl/train").glob("*_stats.json"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "prep.log").read_text()
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 1.5))
+        workers = [pid for pid in tagged_processes(tag) if pid != proc.pid]
+        assert workers, "the pool workers should be running"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert wait_gone(tag, 30) == []  # the workers died with it
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tagged_processes(tag):
+            os.kill(pid, signal.SIGKILL)
+        log.close()
+    # A temporary file as a kill mid-write leaves it (the moment above may or may not have caught one).
+    (out / "vl/train/shard-000019.tar.tmp-0123abcd").write_bytes(b"partial")
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=EXIT_BOUND_S * 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(out.rglob("*.tmp-*"))
+    sizes = json.loads((out / "vl/train/sizes.json").read_text())
+    assert len(sizes) == 20 and sum(sizes.values()) == 600
+    assert wait_gone(tag, 30) == []

@@ -2,7 +2,14 @@
 
 from vlbert_ds.data.examples import ExampleConfig, TokenizerTools, collate
 from vlbert_ds.data.masking import MaskingConfig
-from vlbert_ds.data.pipeline import LoaderBatch, LoaderConfig, PretrainStream, SourceSpec, build_loader
+from vlbert_ds.data.pipeline import (
+    LoaderBatch,
+    LoaderConfig,
+    PretrainStream,
+    SourceSpec,
+    UnusableDataError,
+    build_loader,
+)
 
 __all__ = [
     "ExampleConfig",
@@ -12,6 +19,7 @@ __all__ = [
     "PretrainStream",
     "SourceSpec",
     "TokenizerTools",
+    "UnusableDataError",
     "build_loader",
     "collate",
 ]

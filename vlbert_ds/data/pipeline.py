@@ -29,6 +29,7 @@ import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -52,6 +53,37 @@ from vlbert_ds.model.inputs import VLBatch
 
 log = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
+
+# Start-up check: this many samples of each source are decoded before training; a worker that has
+# rejected this many samples without one usable stops the run (a source whose samples are all rejected
+# would otherwise be read for ever).
+PROBE_SAMPLES = 32
+MAX_REJECTED_BEFORE_FIRST = 200
+
+# What to change when every sample of a source is rejected for a reason.
+REJECTION_HINTS = {
+    "too_many_classes": "the shards' class distributions are wider than model.num_region_classes: set it to "
+                        "their class count (1601 for bottom-up-attention regions)",
+    "missing_features": "the shards carry no region features: use model.visual_front_end=end_to_end (images), "
+                        "or prepare the shards with vlbert-prep captions --regions ...",
+    "missing_image": "the shards carry no images: use model.visual_front_end=precomputed (region features), "
+                     "or prepare them without --no-images",
+    "token_out_of_vocab": "the shards were tokenised with a larger vocabulary than data.tokenizer / the model's",
+    "wrong_kind": "a text source is listed as a vision-language source or the reverse "
+                  "(data.vl_sources / data.text_sources)",
+    "format_version": "the shards were written by another version of vlbert-prep",
+}
+
+
+class UnusableDataError(ValueError):
+    """Every sample read from a source was rejected: training on it cannot start (a configuration error)."""
+
+
+def unusable_message(source: str, examined: int, skipped: Counter, first_error: str) -> str:
+    reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.most_common())
+    hints = [REJECTION_HINTS[r] for r, _ in skipped.most_common() if r in REJECTION_HINTS]
+    return (f"data source {source}: none of the {examined} samples read is usable (skipped: {reasons}; first: "
+            f"{first_error})" + (f". To fix: {hints[0]}" if hints else ""))
 
 
 @dataclass
@@ -269,6 +301,7 @@ class PretrainStream(IterableDataset):
         self.sizes = storage.read_sizes(self.vl_urls[0]) if config.mode == "exact" else {}
         self.num_workers = max(1, config.num_workers)
         self.worker_batches = self._worker_batches()
+        self.check_sources()
 
     def _worker_batches(self) -> list[int]:
         config = self.config
@@ -324,16 +357,60 @@ class PretrainStream(IterableDataset):
 
     def _examples(self, samples: Iterator[dict[str, Any]], make, decode, skipped: SkipCounter, tools) -> Iterator:
         config = self.config.example
+        usable, rejected, first_error = 0, Counter(), ""
         for sample in samples:
             try:
                 record = decode(sample)
                 example = make(record, tools, config, sample_rng(self.config.seed, self.epoch, record.key))
                 example.shard = sample.get("__url__", "")
+                usable += 1
                 yield example
             except SampleError as err:
                 skipped[err.reason] += 1
                 if sum(skipped.values()) <= 3:
                     log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), err)
+                if not usable:
+                    rejected[err.reason] += 1
+                    first_error = first_error or f"{sample.get('__url__')}: {err}"
+                    if sum(rejected.values()) >= MAX_REJECTED_BEFORE_FIRST:
+                        raise UnusableDataError(unusable_message(sample.get("__url__", "?"), sum(rejected.values()),
+                                                                 rejected, first_error)) from None
+
+    def check_sources(self) -> None:
+        """Decode up to `PROBE_SAMPLES` samples of each source (from its first shards), in this process.
+
+        A source none of whose probed samples is usable is refused here, before training starts,
+        with the reason counts and what to change (`UnusableDataError`).
+        """
+        front_end = self.config.example.visual_front_end
+        tools = TokenizerTools(self.config.tokenizer)
+        vl_decode = partial(decode_vl, need_features=front_end == "precomputed", need_image=front_end == "end_to_end")
+        checks = [(spec, urls, vl_decode, make_vl_example) for spec, urls in zip(self.config.vl_sources, self.vl_urls,
+                                                                                 strict=True)]
+        if self.config.text_per_batch:
+            checks += [(spec, urls, decode_text, make_text_example)
+                       for spec, urls in zip(self.config.text_sources, self.text_urls, strict=True)]
+        for spec, urls, decode, make in checks:
+            usable, examined, rejected, first_error = self._probe(urls, decode, make, tools)
+            if not usable and examined:
+                raise UnusableDataError(unusable_message(spec.urls, examined, rejected, first_error))
+
+    def _probe(self, urls: list[str], decode, make, tools) -> tuple[bool, int, Counter, str]:
+        """(a usable sample was found, samples examined, rejections by reason, the first rejection)."""
+        examined, rejected, first_error = 0, Counter(), ""
+        for url in urls[:3]:
+            for sample in read_piece(ShardPiece(url, -1), self.config, SkipCounter()):
+                examined += 1
+                try:
+                    record = decode(sample)
+                    make(record, tools, self.config.example, sample_rng(self.config.seed, 0, record.key))
+                    return True, examined, rejected, first_error
+                except SampleError as err:
+                    rejected[err.reason] += 1
+                    first_error = first_error or f"{url}: {err}"
+                if examined >= PROBE_SAMPLES:
+                    return False, examined, rejected, first_error
+        return False, examined, rejected, first_error
 
     def __iter__(self) -> Iterator[LoaderBatch]:
         info = get_worker_info()

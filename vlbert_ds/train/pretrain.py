@@ -223,6 +223,11 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
         print("resolved config:\n" + config.to_yaml(), flush=True)
         (output / "resolved_config.yaml").write_text(config.to_yaml())
 
+    if batches is None:  # sources exist and their first samples are usable, before the model is built
+        from vlbert_ds.data import PretrainStream
+
+        PretrainStream(loader_config(config), dist.rank, dist.world_size)
+
     # Model, engine, and (when there is one) the checkpoint to continue from.
     model = build_model(config)
     if dist.is_main and model.load_report is not None:
