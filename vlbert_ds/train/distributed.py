@@ -108,6 +108,7 @@ def init_distributed(dist: DistEnv, backend: str | None = None, timeout_s: float
     `timeout_s` bounds how long a collective waits for a peer that died without closing its
     connections; with gloo a dead peer usually fails the next collective at once.
     """
+    import time
     from datetime import timedelta
 
     import deepspeed
@@ -115,11 +116,58 @@ def init_distributed(dist: DistEnv, backend: str | None = None, timeout_s: float
     os.environ.update({"RANK": str(dist.rank), "WORLD_SIZE": str(dist.world_size),
                        "LOCAL_RANK": str(dist.local_rank), "MASTER_ADDR": dist.master_addr,
                        "MASTER_PORT": str(dist.master_port)})
-    if backend is None:
-        from deepspeed.accelerator import get_accelerator
+    use_environment_extension_cache()
+    from deepspeed.accelerator import get_accelerator
 
+    if backend is None:
         backend = get_accelerator().communication_backend_name()
+    if get_accelerator().device_name() == "cpu" and not comm_op_built() and dist.local_rank == 0:
+        print(f"rank {dist.rank}: building DeepSpeed's CPU communication op (first use in this environment, 1-2 "
+              f"minutes; cached in {os.environ['TORCH_EXTENSIONS_DIR']}) ...", flush=True)
+    start = time.monotonic()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+    if time.monotonic() - start > 20:
+        print(f"rank {dist.rank}: process group ready after {time.monotonic() - start:.0f} s (op build and "
+              f"rendezvous with {dist.world_size} ranks)", flush=True)
+
+
+CPU_COMM_OP = "deepspeed_shm_comm"
+
+
+def use_environment_extension_cache() -> str:
+    """Keep JIT-built extension ops (DeepSpeed's CPU communication op) inside this Python environment.
+
+    Torch's default cache is `~/.cache/torch_extensions`, which every fresh HOME, container or CI user
+    rebuilds (1-2 minutes of both cores, while the other ranks wait at the rendezvous). A venv owns
+    its cache: `scripts/setup.sh` builds the op once there (`python -m vlbert_ds.train.distributed
+    --build-ops`). An explicit TORCH_EXTENSIONS_DIR wins.
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR", "")
+
+
+def comm_op_built() -> bool:
+    folder = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return bool(folder) and os.path.isfile(os.path.join(folder, CPU_COMM_OP, f"{CPU_COMM_OP}.so"))
+
+
+def build_ops() -> int:
+    """Build (or find) DeepSpeed's CPU communication op in the environment's cache; 0 when it is usable."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    folder = use_environment_extension_cache()
+    if comm_op_built():
+        print(f"{CPU_COMM_OP}: already built in {folder}")
+        return 0
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not builder.is_compatible():
+        print(f"{CPU_COMM_OP}: not available on this machine; DeepSpeed falls back to torch.distributed")
+        return 0
+    print(f"building {CPU_COMM_OP} into {folder} (1-2 minutes) ...", flush=True)
+    builder.load()
+    return 0
 
 
 @contextlib.contextmanager
@@ -157,3 +205,9 @@ def setup_process(dist: DistEnv) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if "OMP_NUM_THREADS" not in os.environ:  # a launcher's or job script's choice wins
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world_size)))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--build-ops"]:
+        raise SystemExit("usage: python -m vlbert_ds.train.distributed --build-ops")
+    raise SystemExit(build_ops())

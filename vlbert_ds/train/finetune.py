@@ -48,38 +48,59 @@ class FinetuneResult:
     stop_signal: Any = None
 
 
+def split_folder(spec: str) -> str:
+    """The folder that holds a task split's shards: the spec itself, or the folder of a shard pattern/file."""
+    first = spec.split("::")[0].rstrip("/")
+    if first.endswith(".tar") or any(c in first for c in "*?[{"):
+        return first.rsplit("/", 1)[0] if "/" in first else "."
+    return first
+
+
+def _read_json_list(url: str, key: str, what: str) -> list[str]:
+    """A JSON list of strings at a path or fsspec URL (never through pathlib: `s3://` must stay whole)."""
+    from vlbert_ds.data import storage
+
+    try:
+        value = storage.read_json(url)
+    except ValueError as err:
+        raise ValueError(f"{key}: {url} is not valid JSON ({err})") from err
+    if value is None:
+        raise FileNotFoundError(f"{what} not found: {url} (set {key})")
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise ValueError(f"{key}: {url}: expected a non-empty JSON list of strings")
+    return value
+
+
 def answer_vocabulary(config: RunConfig) -> list[str]:
+    """VQA's answers: `task.answers`, else `answers.json` in the training split's folder, where
+    `vlbert-prep vqa --build-vocabulary --out <train folder>` writes it."""
+    from vlbert_ds.data import storage
+
     if config.task.name != "vqa":
         return []
-    path = Path(config.task.answers or Path(config.task.train).parent / "answers.json")
-    if not path.is_file():
-        raise FileNotFoundError(f"VQA answer vocabulary not found: {path} (set task.answers)")
-    answers = json.loads(path.read_text())
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{path}: expected a JSON list of answer strings")
-    return answers
+    url = config.task.answers or storage.join(split_folder(config.task.train), "answers.json")
+    return _read_json_list(url, "task.answers", "VQA answer vocabulary (vlbert-prep vqa --build-vocabulary writes it "
+                                                "into the training split's --out)")
 
 
 def object_classes(config: RunConfig) -> list[str]:
     """VCR's auxiliary RoI class list (`task.object_classes`); [] when off or not VCR."""
+    from vlbert_ds.data import storage
     from vlbert_ds.data.tasks import COCO_CLASSES
 
     choice = config.task.object_classes
     if config.task.name != "vcr" or choice == "none":
         return []
     if choice == "auto":
-        beside = Path(config.task.train).parent / "object_classes.json"
-        if not beside.is_file():
+        beside = storage.join(split_folder(config.task.train), "object_classes.json")
+        if not storage.exists(beside):
             return list(COCO_CLASSES)
-        choice = str(beside)
+        choice = beside
     if choice == "coco":
         return list(COCO_CLASSES)
-    path = Path(choice)
-    if not path.is_file():
-        raise FileNotFoundError(f"VCR object class list not found: {path} (task.object_classes)")
-    classes = json.loads(path.read_text())
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
-        raise ValueError(f"{path}: expected a JSON list of class names, background first")
+    classes = _read_json_list(choice, "task.object_classes", "VCR object class list")
+    if len(classes) < 2:
+        raise ValueError(f"task.object_classes: {choice}: expected a list of class names, background first")
     return classes
 
 
@@ -147,20 +168,27 @@ def _referring_correct(task, logits):
 
 
 def finetune(config: RunConfig, dist: DistEnv) -> FinetuneResult:
+    from vlbert_ds.train.tracking import Tracker
+
     stop = StopRequests()
+    tracker = Tracker(enabled=config.tracking.enabled and dist.is_main)
     try:
-        return _finetune(config, dist, stop)
+        return _finetune(config, dist, stop, tracker)
+    except BaseException as err:
+        tracker.fail(err)  # an MLflow run never stays RUNNING after a crash
+        raise
     finally:
         stop.close()
 
 
-def _finetune(config: RunConfig, dist: DistEnv, stop: StopRequests) -> FinetuneResult:
+def _finetune(config: RunConfig, dist: DistEnv, stop: StopRequests, tracker) -> FinetuneResult:
     import torch.distributed as tdist
 
     from vlbert_ds.data.tasks import task_loader
     from vlbert_ds.train.checkpoint import CheckpointManager, check_same_model, export_pretrained
+    from vlbert_ds.train.config import redact_urls
     from vlbert_ds.train.engine import grad_norm, make_engine
-    from vlbert_ds.train.tracking import Tracker, resolve_uri
+    from vlbert_ds.train.tracking import resolve_uri
 
     torch.manual_seed(config.train.seed + dist.rank)
     output = Path(config.train.output_dir)
@@ -188,7 +216,7 @@ def _finetune(config: RunConfig, dist: DistEnv, stop: StopRequests) -> FinetuneR
         if dist.is_main:
             print(f"resumed from {tag}: step {state.step}", flush=True)
 
-    tracker = Tracker(enabled=config.tracking.enabled and dist.is_main)
+    uri = None
     if tracker.enabled:
         uri = resolve_uri(config.tracking.uri, str(output))
         tracker.start(uri, config.tracking.experiment, config.tracking.run_name, state.run_id, str(output))
@@ -276,6 +304,14 @@ def _finetune(config: RunConfig, dist: DistEnv, stop: StopRequests) -> FinetuneR
                               engine.module.config, export_dir)
         (output / "val_metrics.json").write_text(json.dumps({"val": val, "skipped": skipped}, indent=1))
         tracker.finish()
+        print("\n".join(["", "=" * 72, f"fine-tuned {config.task.name}: finished at step {state.step}",
+                          *(f"  val {k:<30} {v:.4f}" for k, v in val.items()),
+                          f"checkpoints: {config.checkpoint_dir}",
+                          f"fine-tuned weights (save_pretrained): {export_dir}",
+                          f"validation metrics: {output / 'val_metrics.json'}",
+                          f"metrics per step: {output / 'metrics.jsonl'}",
+                          f"MLflow: run {state.run_id} at {redact_urls(uri or '') or 'off (tracking.enabled=false)'}",
+                          "=" * 72]), flush=True)
     if tdist.is_initialized():
         tdist.barrier()
     return FinetuneResult(state, val, predictions, str(output), export_dir, state.run_id)

@@ -197,14 +197,20 @@ def save_loss_plot(history: list[list[float]], path: Path) -> None:
 # ----------------------------------------------------------------------------- the run
 def run(config: RunConfig, dist: DistEnv, batches=None) -> RunResult:
     """Train. `batches`, if given, replaces the shard loader: an iterator of VLBatch for this rank."""
+    from vlbert_ds.train.tracking import Tracker
+
     stop = StopRequests()  # before any DataLoader worker is forked, so workers inherit the handlers too
+    tracker = Tracker(enabled=config.tracking.enabled and dist.is_main)
     try:
-        return _run(config, dist, batches, stop)
+        return _run(config, dist, batches, stop, tracker)
+    except BaseException as err:
+        tracker.fail(err)  # an MLflow run never stays RUNNING after a crash
+        raise
     finally:
         stop.close()
 
 
-def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunResult:
+def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests, tracker) -> RunResult:
     import deepspeed  # noqa: F401 (initialised by main)
     import torch.distributed as tdist
 
@@ -212,7 +218,7 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
     from vlbert_ds.train.checkpoint import CheckpointManager, check_same_model, export_pretrained
     from vlbert_ds.train.engine import grad_norm, make_engine
     from vlbert_ds.train.grounding import build_grounding_set, evaluate_grounding
-    from vlbert_ds.train.tracking import Tracker, resolve_uri
+    from vlbert_ds.train.tracking import resolve_uri
 
     torch.manual_seed(config.train.seed + dist.rank)
     output = Path(config.train.output_dir)
@@ -250,7 +256,6 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests) -> RunRe
             print(f"resumed from {tag}: step {state.step}, epoch {state.epoch}, batch {state.consumed}", flush=True)
 
     # Tracking (rank 0), re-attached to the checkpoint's run.
-    tracker = Tracker(enabled=config.tracking.enabled and dist.is_main)
     tracking_uri = resolve_uri(config.tracking.uri, str(output)) if tracker.enabled else None
     if tracker.enabled:
         tracker.start(tracking_uri, config.tracking.experiment, config.tracking.run_name, state.run_id, str(output))

@@ -42,6 +42,7 @@ class Tracker:
         self.experiment_id: str | None = None
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._client = None
+        self.finished = False
 
     def start(self, uri: str, experiment: str, run_name: str, run_id: str | None, output_dir: str) -> None:
         if not self.enabled:
@@ -115,3 +116,18 @@ class Tracker:
         if self.enabled and self.run_id:
             self.flush()
             self._client.set_terminated(self.run_id, status=status)
+            self.finished = True
+
+    def fail(self, error: BaseException) -> None:
+        """Mark a started, unfinished run FAILED (KILLED on Ctrl-C) with the error as a tag; never raises,
+        so the original error is what the user sees. Buffered metrics are not written: the steps since the
+        last checkpoint are recomputed by a resumed run."""
+        if not (self.enabled and self.run_id and self._client is not None) or self.finished:
+            return
+        try:
+            self._client.set_tag(self.run_id, "vlbert_ds.error", f"{type(error).__name__}: {error}"[:5000])
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            self._client.set_terminated(self.run_id, status=status)
+            self.finished = True
+        except Exception as err:  # the tracking server may be what failed
+            log.warning("could not mark MLflow run %s failed: %s", self.run_id, err)
