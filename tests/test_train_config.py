@@ -91,3 +91,11 @@ def test_credentials_in_urls_never_reach_the_printed_config_or_mlflow_params():
         assert all(leaked not in str(v) for v in params.values())
     assert "https://***@mlflow.example.org" in text
     assert config.tracking.uri == "https://alice:tok-123@mlflow.example.org"  # the run itself still uses it
+
+
+def test_output_folders_must_be_paths_not_urls():
+    from vlbert_ds.train.config import load_config
+
+    for key in ("train.output_dir", "checkpoint.dir", "data.prepare_default"):
+        with pytest.raises(ValueError, match=f"{key} must be a local or shared-filesystem path"):
+            load_config(None, ["data.vl_sources=[s3://b/cc]", f"{key}=s3://bucket/run"])

@@ -159,6 +159,11 @@ class RunConfig:
         need(self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
         need(self.model.visual_front_end in ("precomputed", "end_to_end"),
              "model.visual_front_end must be precomputed or end_to_end")
+        for key, value in (("train.output_dir", self.train.output_dir), ("checkpoint.dir", self.checkpoint.dir),
+                           ("data.prepare_default", self.data.prepare_default)):
+            need("://" not in value and "::" not in value,
+                 f"{key} must be a local or shared-filesystem path (DeepSpeed writes checkpoints as files), "
+                 f"got {value!r}; shard sources (data.*_sources, task.train/val) may be any fsspec URL")
 
     @property
     def checkpoint_dir(self) -> str:
