@@ -283,6 +283,8 @@ def _official_state(model: VLBertForPretraining) -> dict[str, torch.Tensor]:
     state = {}
     for name, tensor in ours.items():
         parts = name.split(".")
+        if name.startswith("vlbert.appearance.") and name != "vlbert.appearance.masked_region_feature":
+            continue  # the e2e ResNet: `_official_e2e_resnet` writes it
         if name.startswith("vlbert.encoder."):
             key = name
         elif name.startswith("vlbert.embeddings.") and parts[2] in ("word_embeddings", "position_embeddings",
@@ -333,3 +335,67 @@ def test_a_released_checkpoint_with_official_names_loads_completely(tmp_path):
     batch = make_vl_batch(source.config)
     with torch.no_grad():
         assert torch.allclose(source.eval().vlbert(batch).text_output, target.eval().vlbert(batch).text_output)
+
+
+def _official_e2e_resnet(backbone: str, seed: int) -> dict[str, torch.Tensor]:
+    """The official e2e FastRCNN's ResNet tensors under its names (`common/fast_rcnn.py`, torchvision-named
+    layers with nn.BatchNorm2d), made from a torchvision ResNet with random weights and statistics."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, backbone)(weights=None)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+            module.num_batches_tracked.fill_(1000)
+    state = {}
+    for key, value in net.state_dict().items():
+        if key.startswith("fc."):
+            continue
+        if key.startswith("layer4."):
+            rest = key[len("layer4."):]
+            state[f"module.image_feature_extractor.roi_head_feature_extractor.{rest}"] = value.clone()
+            state[f"module.image_feature_extractor.head.0.{rest}"] = value.clone()
+        else:
+            state[f"module.image_feature_extractor.backbone.{key}"] = value.clone()
+    return state
+
+
+def test_a_released_e2e_checkpoint_maps_its_resnet_with_zero_unmapped_keys(tmp_path):
+    from vlbert_ds.model.official import load_official_checkpoint
+
+    config = VLBertConfig.preset("tiny", visual_front_end="end_to_end", backbone="resnet18", num_region_classes=25)
+    torch.manual_seed(1)
+    source = VLBertForPretraining(config)
+    state = {k: v for k, v in _official_state(source).items()
+             if k != "module.image_feature_extractor.backbone.conv1.weight"}
+    resnet = _official_e2e_resnet("resnet18", seed=3)
+    state.update(resnet)
+    torch.save({"state_dict": state}, tmp_path / "vl-bert-tiny-e2e.model")
+    target = VLBertForPretraining(config)
+    report = load_official_checkpoint(target, tmp_path / "vl-bert-tiny-e2e.model")
+    assert report.unused == [] and report.fresh == []
+    ours = target.state_dict()
+    stages = {"conv1.": "stem.0.", "bn1.": "stem.1.", "layer1.": "res2.", "layer2.": "res3.", "layer3.": "res4."}
+    checked = 0
+    for key, value in resnet.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        rest = key.split("image_feature_extractor.", 1)[1]
+        if rest.startswith("backbone."):
+            rest = rest[len("backbone."):]
+            prefix = next(p for p in stages if rest.startswith(p))
+            name = "vlbert.appearance." + stages[prefix] + rest[len(prefix):]
+        else:
+            name = "vlbert.appearance.res5." + rest.removeprefix("head.0.").removeprefix("roi_head_feature_extractor.")
+        assert torch.equal(ours[name], value), name
+        checked += 1
+    assert checked == sum(1 for k in resnet if not k.endswith("num_batches_tracked"))
+    # Two copies of res5 that disagree are refused.
+    state["module.image_feature_extractor.head.0.0.conv1.weight"] += 1
+    torch.save({"state_dict": state}, tmp_path / "bad.model")
+    with pytest.raises(ValueError, match="differs from"):
+        load_official_checkpoint(VLBertForPretraining(config), tmp_path / "bad.model")

@@ -18,9 +18,17 @@ which refuses anything but tensors and plain containers. Name mapping (official 
     vlbert.mvrc_head.transform / region_cls_pred -> mrc_head.transform / mrc_head.classifier
     vlbert.relationsip_head.caption_image_relationship -> sentence_image_head (sic, the official spelling)
 
-Not mapped (listed as unused in the report): the end-to-end ResNet-101 backbone and res5 head of the
-`e2e` checkpoints (`image_feature_extractor.backbone.*`, `.head.*`), whose layout differs from
-torchvision's; load them with a torchvision ResNet state-dict conversion of your own if needed.
+The end-to-end (`e2e`) checkpoints add the official `FastRCNN` ResNet (`common/fast_rcnn.py`, a
+torchvision-named ResNet with every BatchNorm an `nn.BatchNorm2d`):
+
+    image_feature_extractor.backbone.conv1 / bn1           -> vlbert.appearance.stem.0 / stem.1
+    image_feature_extractor.backbone.layer1 / 2 / 3         -> vlbert.appearance.res2 / res3 / res4
+    image_feature_extractor.roi_head_feature_extractor.*    -> vlbert.appearance.res5.*
+    image_feature_extractor.head.0.*                        -> the same res5 (the official `head` Sequential
+                                                               holds that module again; both copies must agree)
+
+BatchNorm statistics (`running_mean`, `running_var`) load into our frozen-BN buffers; the
+`num_batches_tracked` counters are dropped (frozen statistics never count batches).
 """
 
 from __future__ import annotations
@@ -50,7 +58,15 @@ _RULES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), r) for p, r in (
     (r"^vlbert\.mvrc_head\.transform\.(.+)$", r"mrc_head.transform.\1"),
     (r"^vlbert\.mvrc_head\.region_cls_pred\.(weight|bias)$", r"mrc_head.classifier.\1"),
     (r"^vlbert\.relationsip_head\.caption_image_relationship\.(weight|bias)$", r"sentence_image_head.\1"),
+    # e2e: the official FastRCNN ResNet
+    (r"^image_feature_extractor\.backbone\.conv1\.weight$", "vlbert.appearance.stem.0.weight"),
+    (r"^image_feature_extractor\.backbone\.bn1\.(.+)$", r"vlbert.appearance.stem.1.\1"),
+    (r"^image_feature_extractor\.backbone\.layer1\.(.+)$", r"vlbert.appearance.res2.\1"),
+    (r"^image_feature_extractor\.backbone\.layer2\.(.+)$", r"vlbert.appearance.res3.\1"),
+    (r"^image_feature_extractor\.backbone\.layer3\.(.+)$", r"vlbert.appearance.res4.\1"),
+    (r"^image_feature_extractor\.(?:roi_head_feature_extractor|head\.0)\.(.+)$", r"vlbert.appearance.res5.\1"),
 )]
+_COUNTER = re.compile(r"\.num_batches_tracked$")
 _TIED = re.compile(r"^vlbert\.mlm_head\.predictions\.decoder\.weight$")
 
 
@@ -65,26 +81,36 @@ def official_name(key: str) -> str | None:
 
 
 def load_official_state(model: nn.Module, state: dict[str, Tensor], source: str = "official") -> WeightLoadReport:
-    """Copy an official VL-BERT pretraining state dict into a `VLBertForPretraining`; report what moved."""
-    ours = dict(model.named_parameters())
+    """Copy an official VL-BERT state dict (prec or e2e) into a `VLBertForPretraining`; report what moved."""
+    kept = set(model.state_dict())
+    ours = {name: t for name, t in (*model.named_parameters(), *model.named_buffers()) if name in kept}
     report = WeightLoadReport(source=source)
+    loaded: dict[str, str] = {}  # our name -> the official key it came from
     for key, value in state.items():
         if _TIED.match(key.removeprefix("module.")):
             continue  # the decoder is the word embedding table
         name = official_name(key)
+        if name is not None and _COUNTER.search(key) and name.removesuffix(".num_batches_tracked") + ".running_mean" \
+                in ours:
+            continue  # a BatchNorm step counter: our BatchNorms are frozen
         if name is None or name not in ours:
             report.unused.append(key)
             continue
-        param = ours[name]
-        if value.dim() == param.dim() + 1 and value.shape[0] == 1:
+        target = ours[name]
+        if value.dim() == target.dim() + 1 and value.shape[0] == 1:
             value = value[0]  # nn.Embedding(1, H) vectors -> our [H] parameters
-        if value.shape != param.shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, our {name} has {tuple(param.shape)}; "
-                             "build the model with the checkpoint's config (preset base/large, num_region_classes)")
+        if value.shape != target.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, our {name} has {tuple(target.shape)}; "
+                             "build the model with the checkpoint's config (preset base/large, num_region_classes, "
+                             "backbone)")
+        if name in loaded:  # the e2e res5 is stored twice (roi_head_feature_extractor and head.0)
+            if not torch.equal(target, value.to(target.dtype)):
+                raise ValueError(f"{source}: {key} differs from {loaded[name]}, which loads into the same {name}")
+            continue
         with torch.no_grad():
-            param.copy_(value)
-        report.loaded.append(name)
-    loaded = set(report.loaded)
+            target.copy_(value)
+        loaded[name] = key
+    report.loaded = list(loaded)
     report.fresh = [n for n in ours if n not in loaded]
     return report
 
