@@ -81,20 +81,10 @@ def _build_resnet(config: VLBertConfig) -> nn.Module:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a safetensors file or a torch state dict (never unpickling arbitrary objects)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Read a safetensors, torch or numpy-pickle state dict, never running code in it."""
+    from vlbert_ds.model.weight_files import read_weight_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
+    return read_weight_file(path)
 
 
 class FastRCNNAppearance(nn.Module):

@@ -96,7 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     refcoco.add_argument("--split", required=True, help="train, val, testA or testB")
     refcoco.add_argument("--regions", required=True, help="features of every COCO gt box, keyed by image id")
     refcoco.add_argument("--samples-per-shard", type=int, default=2000)
+    convert = sub.add_parser("convert-detector", help="a detector weights file (.pkl of numpy arrays, .pth) -> "
+                             "safetensors, names unchanged, without running any code in it")
+    convert.add_argument("input", help="detectron2-style .pkl (bottom-up-attention ports) or torch .pth")
+    convert.add_argument("output", help="the .safetensors file to write")
     return parser
+
+
+def convert_detector(args: argparse.Namespace) -> int:
+    from vlbert_ds.model.weight_files import convert_to_safetensors
+
+    if not args.output.endswith(".safetensors"):
+        print("vlbert-prep convert-detector: the output must be a .safetensors file", file=sys.stderr)
+        return 2
+    try:
+        state = convert_to_safetensors(args.input, args.output)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vlbert-prep convert-detector: {err}", file=sys.stderr)
+        return 2
+    count = sum(t.numel() for t in state.values())
+    print(f"{args.output}: {len(state)} tensors, {count:,} values from {args.input}")
+    return 0
 
 
 def run_task(args: argparse.Namespace) -> list[PrepSummary]:
@@ -198,6 +218,8 @@ def check_inputs(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "convert-detector":
+        return convert_detector(args)
     prog = f"vlbert-prep {args.command}"
     try:
         check_inputs(args)
