@@ -112,7 +112,7 @@ def read_weight_file(path: str | Path) -> dict[str, Tensor]:
             raise UnsafeWeightsError(f"{path}: refusing to load: it holds objects other than tensors "
                                      f"({str(err).splitlines()[0]})") from err
         raise CorruptWeightsError(f"{path}: truncated or not a torch file ({err})") from err
-    except (EOFError, RuntimeError, ValueError) as err:
+    except (EOFError, RuntimeError, ValueError, OSError) as err:
         raise CorruptWeightsError(f"{path}: truncated or not a torch file ({type(err).__name__}: {err})") from err
     return _state_from(obj, str(path))
 

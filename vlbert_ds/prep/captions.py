@@ -168,9 +168,10 @@ class CaptionSampleMaker(LazyTools):
             raise SampleError("empty_caption")
         regions: Regions | None = None
         if self.regions is not None:
-            if row.image_id is None:
+            key = row.image_id if row.image_id is not None else row.image  # as `vlbert-prep regions` keys them
+            if key is None:
                 raise SampleError("missing_image_id")
-            regions = select_boxes(self.regions.get(row.image_id))
+            regions = select_boxes(self.regions.get(key))
         features = scores = None
         jpeg = None
         if self.with_images:

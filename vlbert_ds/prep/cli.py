@@ -96,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     refcoco.add_argument("--split", required=True, help="train, val, testA or testB")
     refcoco.add_argument("--regions", required=True, help="features of every COCO gt box, keyed by image id")
     refcoco.add_argument("--samples-per-shard", type=int, default=2000)
+    regions = sub.add_parser("regions", help="detect regions in a caption manifest's images -> region TSV files "
+                             "for `vlbert-prep captions --regions DIR`")
+    regions.add_argument("--manifest", required=True, help="the caption manifest (JSONL, TSV/CSV, parquet)")
+    regions.add_argument("--image-root", default=None, help="folder of relative image paths (default: the manifest's)")
+    regions.add_argument("--allow-local-urls", action="store_true", help="as for captions")
+    regions.add_argument("--detector", required=True,
+                         help="torchvision:ARCH:WEIGHTS, e.g. torchvision:fasterrcnn_resnet50_fpn_v2:frcnn.pth "
+                              "(a local .pth/.safetensors/.pkl; nothing is downloaded)")
+    regions.add_argument("--out", required=True, help="output folder: a path or any fsspec URL")
+    regions.add_argument("--images-per-file", type=int, default=1000)
+    regions.add_argument("--batch-size", type=int, default=4, help="images per detector call")
+    regions.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:1, ...")
+    regions.add_argument("--min-size", type=int, default=600, help="detector input short side (official: 600)")
+    regions.add_argument("--max-size", type=int, default=1000, help="detector input long side at most (1000)")
+    regions.add_argument("--proposals", type=int, default=300, help="RPN proposals per image (official: 300)")
+    regions.add_argument("--overwrite", action="store_true", help="redo region files made from other input")
+
     convert = sub.add_parser("convert-detector", help="a detector weights file (.pkl of numpy arrays, .pth) -> "
                              "safetensors, names unchanged, without running any code in it")
     convert.add_argument("input", help="detectron2-style .pkl (bottom-up-attention ports) or torch .pth")
@@ -149,7 +166,23 @@ def run_task(args: argparse.Namespace) -> list[PrepSummary]:
                           args.processes, args.overwrite, args.skipped_log)]
 
 
+def run_regions(args: argparse.Namespace):
+    from vlbert_ds.prep.captions import read_manifest
+    from vlbert_ds.prep.extract import extract_regions
+
+    for name in ("images_per_file", "batch_size", "min_size", "max_size", "proposals"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    root = args.image_root if args.image_root is not None else args.manifest.rsplit("/", 1)[0] \
+        if "/" in args.manifest else "."
+    return extract_regions(read_manifest(args.manifest), args.out, args.detector, root, args.allow_local_urls,
+                           args.images_per_file, args.batch_size, args.device, args.min_size, args.max_size,
+                           args.proposals, args.overwrite)
+
+
 def run(args: argparse.Namespace) -> list[PrepSummary]:
+    if args.command == "regions":
+        return [run_regions(args)]
     if args.command in ("vqa", "vcr", "refcoco"):
         return run_task(args)
     tokenizer = args.tokenizer or default_tokenizer()
@@ -190,6 +223,7 @@ _INPUTS = {
     "vcr": [("annotations", "--annotations", "file"), ("metadata_root", "--metadata-root", "folder"),
             ("regions", "--regions", "any")],
     "refcoco": [("refs", "--refs", "file"), ("instances", "--instances", "file"), ("regions", "--regions", "any")],
+    "regions": [("manifest", "--manifest", "file"), ("image_root", "--image-root", "folder")],
 }
 
 
@@ -209,7 +243,13 @@ def check_inputs(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag} {url}: is a folder, expected a file")
             if kind == "folder" and not fs.isdir(path):
                 raise ValueError(f"{flag} {url}: is not a folder")
-    if getattr(args, "regions", None):
+    if args.command == "regions":
+        from vlbert_ds.model.detector import parse_detector_spec
+
+        _, _, weights = parse_detector_spec(args.detector)
+        if weights and not fsspec.core.url_to_fs(weights)[0].exists(weights):
+            raise ValueError(f"--detector {args.detector}: weights file {weights} not found")
+    elif getattr(args, "regions", None):
         from vlbert_ds.prep.regions import check_regions
 
         print(f"regions: {check_regions(args.regions)}", flush=True)
@@ -245,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for summary in summaries:
         print(summary.table())
+    if args.command == "regions":
+        return 0 if summaries[0].images or summaries[0].files_already_done else 1
     if any(s.samples == 0 for s in summaries):
         print(f"{prog}: nothing usable was produced for "
               + ", ".join(s.out for s in summaries if s.samples == 0)

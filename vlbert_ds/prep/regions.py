@@ -25,6 +25,7 @@ import base64
 import binascii
 import csv
 import json
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -190,8 +191,7 @@ class BuaTsvIndex:
                     self._check_first_row(url, line, line_number)
                 self.offsets.setdefault(fields_start.decode(errors="replace"), (url, position, line_number))
                 position += len(line)
-        if url not in self.layouts:
-            raise ValueError(f"--regions {url}: no rows")
+        self.layouts.setdefault(url, "empty")  # e.g. a region file all of whose images were unreadable
 
     def _check_first_row(self, url: str, line: bytes, line_number: int) -> None:
         try:
@@ -243,27 +243,39 @@ class FrcnnJsonFolder:
 
 
 def open_regions(spec: str):
-    """A region source: region TSV file(s), comma-separated, of either layout; or one folder of frcnn JSON."""
+    """A region source: region TSV file(s), comma-separated, of either layout; a folder of them (what
+    `vlbert-prep regions` writes); or one folder of frcnn JSON."""
+    return BuaTsvIndex(_region_tsvs(spec)) if _region_tsvs(spec) else FrcnnJsonFolder(spec.split(",")[0])
+
+
+_TSV_NAME = re.compile(r"\.tsv(\.\d+)?(\.(gz|bz2|xz))?$")
+
+
+def _region_tsvs(spec: str) -> list[str]:
+    """The TSV files a --regions spec names ([] for one folder of per-image JSON)."""
     parts = [p for p in spec.split(",") if p]
     folders = [p for p in parts if _is_folder(p)]
     if not folders:
-        return BuaTsvIndex(parts)
-    if len(parts) == 1:
-        return FrcnnJsonFolder(parts[0])
-    raise ValueError(f"--regions {spec!r}: give region TSV files, or one folder of per-image JSON, not both")
+        return parts
+    if len(parts) > 1:
+        raise ValueError(f"--regions {spec!r}: give region TSV files, or one folder, not both")
+    fs, path = fsspec.core.url_to_fs(parts[0])
+    names = sorted(n for n in fs.ls(path, detail=False) if _TSV_NAME.search(n.rsplit("/", 1)[-1]))
+    if not names:
+        return []
+    protocol = parts[0].split("://", 1)[0] + "://" if "://" in parts[0] else ""
+    return [protocol + n if protocol and not n.startswith(protocol) else n for n in names]
 
 
 def check_regions(spec: str) -> str:
-    """Read just the first row of each region TSV (or nothing, for a folder) so that a file in a layout we
-    cannot read is an error naming it before any shard is written. Returns a one-line description."""
-    parts = [p for p in spec.split(",") if p]
-    if len(parts) == 1 and _is_folder(parts[0]):
-        return f"per-image frcnn JSON in {parts[0]}"
-    if any(_is_folder(p) for p in parts):
-        raise ValueError(f"--regions {spec!r}: give region TSV files, or one folder of per-image JSON, not both")
+    """Read just the first row of each region TSV (or nothing, for a folder of JSON) so that a file in a
+    layout we cannot read is an error naming it before any shard is written. Returns a one-line description."""
+    urls = _region_tsvs(spec)
+    if not urls:
+        return f"per-image frcnn JSON in {spec}"
     probe = BuaTsvIndex.__new__(BuaTsvIndex)
     probe.layouts = {}
-    for url in parts:
+    for url in urls:
         with fsspec.open(url, "rb", compression="infer") as handle:
             for line_number, line in enumerate(handle, 1):
                 first = line.split(b"\t", 1)[0].strip().decode(errors="replace")
@@ -271,7 +283,11 @@ def check_regions(spec: str) -> str:
                     probe._check_first_row(url, line, line_number)
                     break
         if url not in probe.layouts:
-            raise ValueError(f"--regions {url}: no rows")
+            probe.layouts[url] = "empty"
+    if all(layout == "empty" for layout in probe.layouts.values()):
+        raise ValueError(f"--regions {spec}: no rows")
+    if len(urls) > 3:
+        return f"{len(urls)} TSV files ({', '.join(sorted(set(probe.layouts.values())))}) from {spec}"
     return ", ".join(f"{url} ({layout} TSV)" for url, layout in probe.layouts.items())
 
 

@@ -112,39 +112,39 @@ class _CountingWriter:
 
 
 # ----------------------------------------------------------------------------- what a shard is made from
-def _canonical(value: Any) -> Any:
+def canonical(value: Any) -> Any:
     """A JSON-able, order-stable form of rows and maker options (arrays by content digest)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {"__type__": type(value).__name__,
-                **{f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+                **{f.name: canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}}
     if isinstance(value, np.ndarray):
         data = np.ascontiguousarray(value)
         return {"__array__": str(data.dtype), "shape": list(data.shape),
                 "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
     if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, list | tuple | range):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if value is None or isinstance(value, str | int | float | bool):
         return value
     if hasattr(value, "__dict__"):  # a helper object of a maker (e.g. a feature projection)
-        return {"__type__": type(value).__name__, **_canonical(vars(value))}
+        return {"__type__": type(value).__name__, **canonical(vars(value))}
     return repr(value)
 
 
 def maker_options(make: Any) -> Any:
     """The options that shape a maker's output: its `fingerprint()` if it has one, else its state."""
     if hasattr(make, "fingerprint"):
-        return _canonical(make.fingerprint())
+        return canonical(make.fingerprint())
     state = make.__getstate__() if hasattr(make, "__getstate__") else getattr(make, "__dict__", {})
-    return {"__type__": type(make).__name__, **_canonical(state or {})}
+    return {"__type__": type(make).__name__, **canonical(state or {})}
 
 
 def job_digest(job: ShardJob, kind: str, options: Any) -> str:
     payload = json.dumps({"format": FORMAT_VERSION, "kind": kind, "options": options, "first_row": job.first_row,
-                          "rows": _canonical(job.rows)}, sort_keys=True, default=repr)
+                          "rows": canonical(job.rows)}, sort_keys=True, default=repr)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -240,8 +240,10 @@ def chunk(rows: Iterable[Any], size: int) -> Iterator[ShardJob]:
 
 
 # ----------------------------------------------------------------------------- the folder
-def _existing_shard_files(out: str) -> tuple[dict[int, list[str]], list[str]]:
-    """Shard/stats files in `out` by shard index, and temporary files a killed run left behind."""
+def existing_files(out: str, pattern: re.Pattern[str] | str = _SHARD_FILE) -> tuple[dict[int, list[str]], list[str]]:
+    """Files in `out` whose names match `pattern` (group 1: the file index), by index, and the temporary
+    files a killed run left behind."""
+    pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
     fs, path = fsspec.core.url_to_fs(out)
     by_index: dict[int, list[str]] = {}
     temporary = []
@@ -254,13 +256,13 @@ def _existing_shard_files(out: str) -> tuple[dict[int, list[str]], list[str]]:
         if _TEMPORARY.search(base):
             temporary.append(name)
             continue
-        match = _SHARD_FILE.match(base)
+        match = pattern.match(base)
         if match:
             by_index.setdefault(int(match.group(1)), []).append(name)
     return by_index, temporary
 
 
-def _remove(out: str, names: list[str]) -> None:
+def remove_files(out: str, names: list[str]) -> None:
     fs, _ = fsspec.core.url_to_fs(out)
     for name in names:
         fs.rm(name)
@@ -269,10 +271,10 @@ def _remove(out: str, names: list[str]) -> None:
 def _plan(out: str, jobs: list[ShardJob], digests: dict[int, str], overwrite: bool,
           summary: PrepSummary) -> list[ShardJob]:
     """The jobs still to do; refuses (ValueError) finished shards made from other input, before any write."""
-    existing, temporary = _existing_shard_files(out)
+    existing, temporary = existing_files(out)
     if temporary:
         log.warning("removing %d temporary files left by an interrupted run in %s", len(temporary), out)
-        _remove(out, temporary)
+        remove_files(out, temporary)
     wanted = {job.index for job in jobs}
     extra = sorted(i for i in existing if i not in wanted)
     todo, changed = [], []
@@ -298,7 +300,7 @@ def _plan(out: str, jobs: list[ShardJob], digests: dict[int, str], overwrite: bo
         raise ValueError(f"{out}: " + "; ".join(parts) + ". Mixing them would duplicate or lose rows: re-run with "
                          "--overwrite to redo the folder from this input, or write to a new --out")
     if extra:  # overwrite: the folder must hold exactly this input's shards
-        _remove(out, [name for index in extra for name in existing[index]])
+        remove_files(out, [name for index in extra for name in existing[index]])
     return todo
 
 

@@ -1,0 +1,195 @@
+"""`vlbert-prep regions`: images of a caption manifest -> region files that `vlbert-prep captions --regions` reads.
+
+One detector pass over the manifest's images writes `regions-NNNNNN.tsv` files in the
+bottom-up-attention layout with the class distribution as a 7th column (`image_id, image_w,
+image_h, num_boxes, boxes, features, cls_prob`, base64 float32), keyed by the row's `image_id`, or
+its `image` reference when it has none. Each file is written atomically and then committed by
+`regions-NNNNNN_stats.json`, which records a digest of its rows and of the detector (spec, weights
+file content, input sizes): a re-run skips finished files, refuses files made from other input
+(`--overwrite` redoes them), and removes temporary files a killed run left. Images that cannot be
+read are skipped and counted by reason, as in the rest of prep.
+
+Images are read as `vlbert-prep captions` reads them (EXIF orientation, every mode to RGB, the same
+local-file guard), batched by aspect ratio, and run on the GPU when one is present (CPU otherwise).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlbert_ds.data import storage
+from vlbert_ds.data.schema import SampleError
+from vlbert_ds.prep.captions import CaptionRow, resolve_image
+from vlbert_ds.prep.images import open_image, read_bytes
+from vlbert_ds.prep.writer import canonical, existing_files, remove_files
+
+log = logging.getLogger(__name__)
+
+
+def regions_name(index: int) -> str:
+    return f"regions-{index:06d}.tsv"
+
+
+def regions_stats_name(index: int) -> str:
+    return f"regions-{index:06d}_stats.json"
+
+
+@dataclass
+class RegionsSummary:
+    out: str
+    files_total: int = 0
+    files_written: int = 0
+    files_already_done: int = 0
+    images: int = 0
+    boxes: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        rows = [("output", self.out), ("region files", f"{self.files_total} ({self.files_written} written, "
+                                                        f"{self.files_already_done} already done)"),
+                ("images with regions (this run)", f"{self.images:,}"), ("boxes (this run)", f"{self.boxes:,}"),
+                ("images skipped", f"{sum(self.skipped.values()):,}"),
+                *[(f"  {reason}", f"{count:,}") for reason, count in sorted(self.skipped.items())],
+                ("time", f"{self.seconds:,.1f} s"),
+                ("throughput", f"{self.images / max(self.seconds, 1e-9):,.2f} images/s")]
+        width = max(len(k) for k, _ in rows)
+        line = "-" * (width + 3 + max(len(v) for _, v in rows))
+        return "\n".join([line, *(f"{k.ljust(width)} | {v}" for k, v in rows), line])
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=np.float32).tobytes()).decode()
+
+
+def region_key(row: CaptionRow) -> str | None:
+    """The key a row's regions are stored and looked up under: its image_id, else its image reference."""
+    return row.image_id if row.image_id is not None else row.image
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _load_image(row: CaptionRow, image_root: str, allow_local: bool) -> torch.Tensor:
+    if row.malformed:
+        raise SampleError("malformed_row", row.malformed)
+    if region_key(row) is None:
+        raise SampleError("missing_image", "a row needs an image to detect regions in")
+    image = open_image(read_bytes(resolve_image(row.image, image_root, allow_local)))
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def write_region_file(out: str, index: int, rows: list[CaptionRow], detector, image_root: str, allow_local: bool,
+                      batch_size: int, device: torch.device, digest: str, progress) -> dict:
+    """Detect regions in one file's worth of rows, write the TSV, then its stats (the commit marker)."""
+    skipped: Counter = Counter()
+    images: list[tuple[int, str, torch.Tensor]] = []
+    for position, row in enumerate(rows):
+        try:
+            images.append((position, str(region_key(row)), _load_image(row, image_root, allow_local)))
+        except SampleError as err:
+            skipped[err.reason] += 1
+            progress.update(1)
+    # Batches of similar aspect ratio pad least; rows are written back in manifest order.
+    images.sort(key=lambda item: item[2].shape[2] / item[2].shape[1])
+    lines: dict[int, str] = {}
+    boxes_total = 0
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        tensors = [img.to(device) for _, _, img in chunk]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            found = detector(tensors)
+        for (position, key, img), regions in zip(chunk, found, strict=True):
+            count = int(regions.boxes.shape[0])
+            boxes_total += count
+            lines[position] = "\t".join([key, str(img.shape[2]), str(img.shape[1]), str(count),
+                                         _b64(regions.boxes.cpu().numpy()), _b64(regions.features.cpu().numpy()),
+                                         _b64(regions.scores.cpu().numpy())])
+        progress.update(len(chunk))
+    payload = "".join(lines[p] + "\n" for p in sorted(lines)).encode()
+    storage.write_atomic(storage.join(out, regions_name(index)), lambda handle: handle.write(payload))
+    stats = {"file": regions_name(index), "rows": len(rows), "images": len(lines), "boxes": boxes_total,
+             "skipped": dict(skipped), "input_digest": digest, "end_time": time.time()}
+    storage.write_json_atomic(storage.join(out, regions_stats_name(index)), stats)
+    return stats
+
+
+def extract_regions(rows: list[CaptionRow], out: str, detector_spec: str, image_root: str = "",
+                    allow_local: bool = False, images_per_file: int = 1000, batch_size: int = 4,
+                    device: str = "auto", min_size: int = 600, max_size: int = 1000, proposals: int = 300,
+                    overwrite: bool = False) -> RegionsSummary:
+    from vlbert_ds.model.detector import TorchvisionRegionDetector, parse_detector_spec
+
+    start_time = time.time()
+    _, arch, weights = parse_detector_spec(detector_spec)
+    options = {"detector": f"torchvision:{arch}", "weights": file_digest(weights) if weights else None,
+               "min_size": min_size, "max_size": max_size, "proposals": proposals}
+    files = [rows[i : i + images_per_file] for i in range(0, len(rows), images_per_file)]
+    digests = [hashlib.sha256(json.dumps({"options": options, "first_row": i * images_per_file,
+                                          "rows": canonical(chunk)}, sort_keys=True).encode()).hexdigest()
+               for i, chunk in enumerate(files)]
+    storage.makedirs(out)
+    summary = RegionsSummary(out=out, files_total=len(files))
+    existing, temporary = existing_files(out, r"^regions-(\d{6})(\.tsv|_stats\.json)$")
+    if temporary:
+        log.warning("removing %d temporary files left by an interrupted run in %s", len(temporary), out)
+        remove_files(out, temporary)
+    todo, changed = [], []
+    for index, digest in enumerate(digests):
+        stats = storage.read_json(storage.join(out, regions_stats_name(index))) if index in existing else None
+        if stats is None or overwrite:
+            todo.append(index)
+        elif stats.get("input_digest") != digest:
+            changed.append(index)
+        else:
+            summary.files_already_done += 1
+    extra = sorted(i for i in existing if i >= len(files))
+    if (changed or extra) and not overwrite:
+        names = ", ".join(regions_name(i) for i in (changed + extra)[:5])
+        raise ValueError(f"{out}: {len(changed) + len(extra)} region file(s) were made from other rows or another "
+                         f"detector/size than this run's ({names}); re-run with --overwrite to redo them, or write "
+                         "to a new --out")
+    if extra:
+        remove_files(out, [name for i in extra for name in existing[i]])
+    if todo:
+        target = pick_device(device)
+        detector = TorchvisionRegionDetector(arch, weights, min_size=min_size, max_size=max_size,
+                                             proposals=proposals).to(target)
+        print(f"detector: torchvision {arch} ({detector.num_classes} classes, {detector.feature_dim}-d features) "
+              f"on {target}", flush=True)
+        progress = tqdm(total=sum(len(files[i]) for i in todo), unit="img", desc="vlbert-prep regions",
+                        leave=False, disable=None)
+        for index in todo:
+            stats = write_region_file(out, index, files[index], detector, image_root, allow_local, batch_size,
+                                      target, digests[index], progress)
+            summary.files_written += 1
+            summary.images += stats["images"]
+            summary.boxes += stats["boxes"]
+        progress.close()
+    for index in range(len(files)):
+        stats = storage.read_json(storage.join(out, regions_stats_name(index)))
+        if stats is not None:
+            summary.skipped.update(stats["skipped"])
+    summary.seconds = time.time() - start_time
+    return summary
