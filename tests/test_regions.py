@@ -157,3 +157,46 @@ def test_bad_detector_specs_and_weights_are_refused_clearly(photos, weights, tmp
     assert "truncated" in capsys.readouterr().err
     assert prep_main([*base, "--detector", "bua:whatever.pkl"]) == 2
     assert "not built yet" in capsys.readouterr().err
+
+
+def test_detector_evaluation_counts_recall_and_class_accuracy_by_hand(default_data):
+    """`evaluate` against scenes whose answers are known: a detector that returns the true boxes with the
+    true classes scores 1.0 and 1.0; boxes shifted off their objects score 0 recall."""
+    from vlbert_ds.model.detector import ImageRegions
+    from vlbert_ds.prep.train_detector import evaluate, read_scenes
+
+    scenes = read_scenes(str(default_data / "vl/val"), limit=12)
+    assert len(scenes) == 12 and all(s.labels.min() >= 1 and s.labels.max() <= 24 for s in scenes)
+
+    def oracle(shift: float, wrong_class: bool):
+        def detect(images):
+            found = []
+            for image in images:
+                scene = next(s for s in scenes if s.image is image)
+                scores = torch.zeros(scene.boxes.shape[0], 25)
+                labels = scene.labels % 24 + 1 if wrong_class else scene.labels
+                scores[torch.arange(scene.boxes.shape[0]), labels] = 1.0
+                found.append(ImageRegions(scene.boxes + shift, torch.zeros(len(labels), 8), scores,
+                                          torch.ones(len(labels))))
+            return found
+        return detect
+
+    objects = sum(s.boxes.shape[0] for s in scenes)
+    perfect = evaluate(oracle(0.0, False), scenes, batch_size=5)
+    assert perfect["objects"] == objects and perfect["recall_iou50"] == 1.0
+    assert perfect["class_accuracy_of_matched"] == 1.0
+    assert evaluate(oracle(0.0, True), scenes)["class_accuracy_of_matched"] == 0.0
+    assert evaluate(oracle(1000.0, False), scenes)["recall_iou50"] == 0.0
+
+
+def test_train_detector_command_writes_weights_that_regions_can_use(default_data, tmp_path, capsys):
+    out = tmp_path / "det" / "frcnn.pth"
+    assert prep_main(["train-detector", "--data", str(default_data), "--arch", ARCH, "--out", str(out),
+                      "--steps", "2", "--batch-size", "2", "--train-images", "8", "--eval-images", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained" in printed and "untrained" in printed
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["held_out"]["trained"]["images"] == 4 and report["steps"] == 2
+    from vlbert_ds.model.detector import TorchvisionRegionDetector
+
+    assert TorchvisionRegionDetector(ARCH, str(out), min_size=240, max_size=320).num_classes == 25
