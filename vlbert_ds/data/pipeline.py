@@ -285,7 +285,7 @@ def shuffled(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -
 class PretrainStream(IterableDataset):
     """Yields `LoaderBatch`es for one rank; use with `DataLoader(batch_size=None)` (see `build_loader`)."""
 
-    def __init__(self, config: LoaderConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, config: LoaderConfig, rank: int = 0, world_size: int = 1, check_sources: bool = True) -> None:
         super().__init__()
         config.validate()
         self.config = config
@@ -301,7 +301,8 @@ class PretrainStream(IterableDataset):
         self.sizes = storage.read_sizes(self.vl_urls[0]) if config.mode == "exact" else {}
         self.num_workers = max(1, config.num_workers)
         self.worker_batches = self._worker_batches()
-        self.check_sources()
+        if check_sources:  # a training loop that already checked them skips this at every epoch
+            self.check_sources()
 
     def _worker_batches(self) -> list[int]:
         config = self.config
@@ -477,9 +478,9 @@ def _identity(item: Any) -> Any:
 
 
 def build_loader(config: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 consumed_batches: int = 0) -> tuple[PretrainStream, DataLoader]:
+                 consumed_batches: int = 0, check_sources: bool = True) -> tuple[PretrainStream, DataLoader]:
     """The stream for this rank and a DataLoader over it (workers batch and collate; no re-batching)."""
-    stream = PretrainStream(config, rank, world_size)
+    stream = PretrainStream(config, rank, world_size, check_sources)
     stream.set_epoch(epoch, consumed_batches)
     return stream, worker_loader(stream, config.num_workers)
 

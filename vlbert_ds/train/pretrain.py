@@ -269,7 +269,8 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests, tracker)
     def open_epoch(epoch: int, consumed: int):
         if batches is not None:
             return None, batches
-        stream, loader = build_loader(loader_config(config), dist.rank, dist.world_size, epoch, consumed)
+        stream, loader = build_loader(loader_config(config), dist.rank, dist.world_size, epoch, consumed,
+                                      check_sources=False)  # checked once, before the model was built
         # Starting DataLoader workers draws a seed from torch's global generator; keep that draw out of
         # the training RNG stream (dropout), or a resumed run would diverge from an uninterrupted one.
         rng = torch.get_rng_state()
