@@ -172,3 +172,27 @@ def test_a_sigkilled_prep_leaves_no_worker_and_the_rerun_cleans_its_temporaries(
     sizes = json.loads((out / "vl/train/sizes.json").read_text())
     assert len(sizes) == 20 and sum(sizes.values()) == 600
     assert wait_gone(tag, 30) == []
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigterm_with_loader_workers_checkpoints_and_exits_with_the_preempted_code(world, default_data, tmp_path):
+    """SIGTERM to every rank (what Slurm's preemption and scancel do) mid-run: each rank saves the same
+    step, exits 75 (EX_TEMPFAIL), and no process is left."""
+    tag = uuid.uuid4().hex
+    out = tmp_path / "out"
+    procs = start_ranks(world, overrides(default_data, out, steps=10_000), tag, tmp_path)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + EXIT_BOUND_S
+    try:
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no step within the start-up bound"
+            time.sleep(0.2)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+    finally:
+        codes = finish(procs, tag, tmp_path)
+    log = (tmp_path / "rank0.log").read_text()
+    assert codes == [75] * world, (codes, log[-3000:])
+    assert "stopping at step" in log and (out / "checkpoints" / "latest").is_file()
+    assert wait_gone(tag, 30) == []
