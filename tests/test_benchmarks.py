@@ -22,3 +22,15 @@ def test_pretrain_step_benchmark_writes_both_models_and_the_ratio(tmp_path):
     assert result["real_elements"] < result["hf_padded_elements"]  # HF pads every row; we do not
     assert "ratio (ours / HF VisualBERT" in done.stdout
 
+
+
+def test_extract_regions_benchmark_writes_the_time_shares(tmp_path):
+    out = tmp_path / "regions.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "extract_regions.py"), "--arch",
+                           "fasterrcnn_mobilenet_v3_large_320_fpn", "--images", "2", "--batch-size", "1",
+                           "--warmup", "0", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["images"] == 2 and row["images_per_s"] > 0 and 10 <= row["boxes_per_image"] <= 100
+    assert 0.5 < sum(row["share"].values()) <= 1.0 + 1e-6  # the parts cover the loop, save the image copies
+    assert "fasterrcnn_mobilenet_v3_large_320_fpn" in done.stdout
