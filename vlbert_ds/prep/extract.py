@@ -31,7 +31,7 @@ from vlbert_ds.data import storage
 from vlbert_ds.data.schema import SampleError
 from vlbert_ds.prep.captions import CaptionRow, resolve_image
 from vlbert_ds.prep.images import open_image, read_bytes
-from vlbert_ds.prep.writer import canonical, existing_files, remove_files
+from vlbert_ds.prep.writer import canonical, existing_files, key_value_table, remove_files
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,7 @@ class RegionsSummary:
                 *[(f"  {reason}", f"{count:,}") for reason, count in sorted(self.skipped.items())],
                 ("time", f"{self.seconds:,.1f} s"),
                 ("throughput", f"{self.images / max(self.seconds, 1e-9):,.2f} images/s")]
-        width = max(len(k) for k, _ in rows)
-        line = "-" * (width + 3 + max(len(v) for _, v in rows))
-        return "\n".join([line, *(f"{k.ljust(width)} | {v}" for k, v in rows), line])
+        return key_value_table(rows)
 
 
 def file_digest(path: str) -> str:

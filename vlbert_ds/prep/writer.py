@@ -94,9 +94,14 @@ class PrepSummary:
                 ("bytes written", f"{self.bytes_written / 1e6:,.1f} MB"),
                 ("time", f"{self.seconds:,.1f} s"),
                 ("throughput", f"{self.samples_written / max(self.seconds, 1e-9):,.1f} samples/s")]
-        width = max(len(k) for k, _ in rows)
-        line = "-" * (width + 3 + max(len(v) for _, v in rows))
-        return "\n".join([line, *(f"{k.ljust(width)} | {v}" for k, v in rows), line])
+        return key_value_table(rows)
+
+
+def key_value_table(rows: list[tuple[str, str]]) -> str:
+    """A two-column text table between rules (the summaries prep prints at the end)."""
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k.ljust(width)} | {v}" for k, v in rows), line])
 
 
 class _CountingWriter:
