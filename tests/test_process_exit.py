@@ -152,7 +152,7 @@ def test_a_sigkilled_prep_leaves_no_worker_and_the_rerun_cleans_its_temporaries(
         while len(list((out / "vl/train").glob("*_stats.json"))) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "prep.log").read_text()
             time.sleep(0.05)
-        time.sleep(random.uniform(0.0, 1.5))
+        time.sleep(random.uniform(0.0, 0.5))  # 18 of 20 shards are still to write: seconds of work
         workers = [pid for pid in tagged_processes(tag) if pid != proc.pid]
         assert workers, "the pool workers should be running"
         proc.send_signal(signal.SIGKILL)
