@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,9 +30,7 @@ from vlbert_ds.data import storage
 from vlbert_ds.data.schema import SampleError
 from vlbert_ds.prep.captions import CaptionRow, resolve_image
 from vlbert_ds.prep.images import open_image, read_bytes
-from vlbert_ds.prep.writer import canonical, existing_files, key_value_table, remove_files
-
-log = logging.getLogger(__name__)
+from vlbert_ds.prep.writer import canonical, key_value_table, plan_resume
 
 
 def regions_name(index: int) -> str:
@@ -149,27 +146,8 @@ def extract_regions(rows: list[CaptionRow], out: str, detector_spec: str, image_
                for i, chunk in enumerate(files)]
     storage.makedirs(out)
     summary = RegionsSummary(out=out, files_total=len(files))
-    existing, temporary = existing_files(out, r"^regions-(\d{6})(\.tsv|_stats\.json)$")
-    if temporary:
-        log.warning("removing %d temporary files left by an interrupted run in %s", len(temporary), out)
-        remove_files(out, temporary)
-    todo, changed = [], []
-    for index, digest in enumerate(digests):
-        stats = storage.read_json(storage.join(out, regions_stats_name(index))) if index in existing else None
-        if stats is None or overwrite:
-            todo.append(index)
-        elif stats.get("input_digest") != digest:
-            changed.append(index)
-        else:
-            summary.files_already_done += 1
-    extra = sorted(i for i in existing if i >= len(files))
-    if (changed or extra) and not overwrite:
-        names = ", ".join(regions_name(i) for i in (changed + extra)[:5])
-        raise ValueError(f"{out}: {len(changed) + len(extra)} region file(s) were made from other rows or another "
-                         f"detector/size than this run's ({names}); re-run with --overwrite to redo them, or write "
-                         "to a new --out")
-    if extra:
-        remove_files(out, [name for i in extra for name in existing[i]])
+    todo, summary.files_already_done = plan_resume(out, dict(enumerate(digests)), overwrite, regions_name,
+                                                    regions_stats_name, r"^regions-(\d{6})(\.tsv|_stats\.json)$")
     if todo:
         target = pick_device(device)
         detector = TorchvisionRegionDetector(arch, weights, min_size=min_size, max_size=max_size,

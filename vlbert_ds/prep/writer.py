@@ -273,40 +273,45 @@ def remove_files(out: str, names: list[str]) -> None:
         fs.rm(name)
 
 
-def _plan(out: str, jobs: list[ShardJob], digests: dict[int, str], overwrite: bool,
-          summary: PrepSummary) -> list[ShardJob]:
-    """The jobs still to do; refuses (ValueError) finished shards made from other input, before any write."""
-    existing, temporary = existing_files(out)
+def plan_resume(out: str, digests: dict[int, str], overwrite: bool, name: Callable[[int], str],
+                stats: Callable[[int], str], pattern: re.Pattern[str] | str = _SHARD_FILE) -> tuple[list[int], int]:
+    """Which output files (by index) still to write, and how many are done already, for a resumable run.
+
+    Temporary files of a killed run are removed. A finished file (its stats marker exists) is reused
+    only when its recorded `input_digest` equals this run's; finished files made from other input, and
+    files beyond this input's count, are refused (ValueError naming them) before anything is written,
+    unless `overwrite` (then they are redone, or removed).
+    """
+    existing, temporary = existing_files(out, pattern)
     if temporary:
         log.warning("removing %d temporary files left by an interrupted run in %s", len(temporary), out)
         remove_files(out, temporary)
-    wanted = {job.index for job in jobs}
-    extra = sorted(i for i in existing if i not in wanted)
-    todo, changed = [], []
-    for job in jobs:
-        stats = storage.read_json(storage.join(out, stats_name(job.index))) if job.index in existing else None
-        if stats is None or overwrite:
-            todo.append(job)
-        elif stats.get("input_digest") != digests[job.index]:
-            changed.append(job.index)
+    extra = sorted(i for i in existing if i not in digests)
+    todo, changed, done = [], [], 0
+    for index, digest in digests.items():
+        recorded = storage.read_json(storage.join(out, stats(index))) if index in existing else None
+        if recorded is None or overwrite:
+            todo.append(index)
+        elif recorded.get("input_digest") != digest:
+            changed.append(index)
         else:
-            summary.shards_already_done += 1
+            done += 1
     if (changed or extra) and not overwrite:
         def names(indices: list[int]) -> str:
-            return ", ".join(shard_name(i) for i in indices[:5]) + (", ..." if len(indices) > 5 else "")
+            return ", ".join(name(i) for i in indices[:5]) + (", ..." if len(indices) > 5 else "")
 
         parts = []
         if changed:
-            parts.append(f"{len(changed)} finished shard(s) were made from other input rows or options than this "
+            parts.append(f"{len(changed)} finished file(s) were made from other input rows or options than this "
                          f"run's ({names(changed)})")
         if extra:
-            parts.append(f"{len(extra)} shard(s) beyond this input's {len(jobs)} are left from an earlier run "
+            parts.append(f"{len(extra)} file(s) beyond this input's {len(digests)} are left from an earlier run "
                          f"({names(extra)})")
         raise ValueError(f"{out}: " + "; ".join(parts) + ". Mixing them would duplicate or lose rows: re-run with "
                          "--overwrite to redo the folder from this input, or write to a new --out")
-    if extra:  # overwrite: the folder must hold exactly this input's shards
-        remove_files(out, [name for index in extra for name in existing[index]])
-    return todo
+    if extra:  # overwrite: the folder must hold exactly this input's files
+        remove_files(out, [file for index in extra for file in existing[index]])
+    return todo, done
 
 
 def write_dataset(out: str, jobs: list[ShardJob], make: Callable[[Any, int, int], Iterable[dict[str, Any]]],
@@ -318,7 +323,8 @@ def write_dataset(out: str, jobs: list[ShardJob], make: Callable[[Any, int, int]
     summary = PrepSummary(kind=kind, out=out, shards_total=len(jobs), skipped_log=skipped_log)
     options = maker_options(make)
     digests = {job.index: job_digest(job, kind, options) for job in jobs}
-    todo = _plan(out, jobs, digests, overwrite, summary)
+    indices, summary.shards_already_done = plan_resume(out, digests, overwrite, shard_name, stats_name)
+    todo = [job for job in jobs if job.index in set(indices)]
     progress = tqdm(total=sum(len(j.rows) for j in todo), unit="row", desc=f"vlbert-prep {kind}", leave=False,
                     disable=None)
 
