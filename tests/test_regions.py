@@ -156,7 +156,10 @@ def test_bad_detector_specs_and_weights_are_refused_clearly(photos, weights, tmp
     assert prep_main([*base, "--detector", f"torchvision:{ARCH}:{cut}"]) == 2
     assert "truncated" in capsys.readouterr().err
     assert prep_main([*base, "--detector", "bua:whatever.pkl"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert "not found" in capsys.readouterr().err
+    # torchvision weights given as a bottom-up-attention detector
+    assert prep_main([*base, "--detector", f"bua:{weights}"]) == 2
+    assert "not a bottom-up-attention detector" in capsys.readouterr().err
 
 
 def test_detector_evaluation_counts_recall_and_class_accuracy_by_hand(default_data):

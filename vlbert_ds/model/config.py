@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 VisualFrontEnd = Literal["precomputed", "end_to_end"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+StemPool = Literal["torchvision", "caffe"]
+RoIPooler = Literal["align", "pool"]
 
 _BACKBONE_OUT_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 
@@ -62,6 +64,11 @@ class VLBertConfig:
     backbone_stride_in_1x1: bool = True
     # Stages whose parameters never train: 1 = stem (conv1+bn1), 2 = res2 (IMAGE_FROZEN_BACKBONE_STAGES).
     frozen_backbone_stages: tuple[int, ...] = (1, 2)
+    # The stem's max pool: torchvision's (pad 1), as the official ResNet, or Caffe's (no pad, round up),
+    # as the bottom-up-attention detector's weights expect.
+    backbone_stem_pool: StemPool = "torchvision"
+    # RoI pooling at 1/16: RoIAlign (official VL-BERT) or Caffe's ROIPool (bottom-up-attention).
+    roi_pooler: RoIPooler = "align"
     roi_align_output_size: int = 14
     roi_align_sampling_ratio: int = 1
     # Optional local file (safetensors or torch state dict, torchvision key names); never downloaded.
@@ -120,6 +127,9 @@ class VLBertConfig:
              f"visual_front_end must be 'precomputed' or 'end_to_end', got {self.visual_front_end!r}")
         need(self.backbone in _BACKBONE_OUT_DIM,
              f"backbone must be one of {sorted(_BACKBONE_OUT_DIM)}, got {self.backbone!r}")
+        need(self.backbone_stem_pool in ("torchvision", "caffe"),
+             f"backbone_stem_pool must be 'torchvision' or 'caffe', got {self.backbone_stem_pool!r}")
+        need(self.roi_pooler in ("align", "pool"), f"roi_pooler must be 'align' or 'pool', got {self.roi_pooler!r}")
         need(all(s in (1, 2, 3, 4) for s in self.frozen_backbone_stages),
              f"frozen_backbone_stages entries must be in 1..4, got {self.frozen_backbone_stages}")
         need(self.max_regions >= 1, f"max_regions must be >= 1, got {self.max_regions}")
@@ -178,4 +188,4 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
 
-__all__ = ["PRESETS", "Backbone", "VLBertConfig", "VisualFrontEnd"]
+__all__ = ["PRESETS", "Backbone", "RoIPooler", "StemPool", "VLBertConfig", "VisualFrontEnd"]

@@ -4,8 +4,9 @@ Two front ends share one interface, `appearance(batch) -> [B, R, D]`:
 
 * `PrecomputedAppearance`: features come in the batch (bottom-up-attention `pool5_flat`); a masked
   RoI's feature is replaced by a learned vector initialised to 0 (`object_mask_visual_embedding`).
-* `FastRCNNAppearance`: the official `common/fast_rcnn.py` head, built from torchvision pieces —
-  ResNet through res4 (stride 16), `torchvision.ops.roi_align` 14x14 at 1/16 with sampling ratio 1,
+* `FastRCNNAppearance`: the official `common/fast_rcnn.py` head, built from torchvision pieces on
+  `ResNetC4` (the body the region detector shares) — ResNet through res4 (stride 16),
+  `torchvision.ops.roi_align` 14x14 at 1/16 with sampling ratio 1 (or Caffe's ROIPool, `roi_pooler`),
   a dilated res5 (stride 1, dilation 2 in every block, as the official `_make_layer(..., dilation=2)`),
   average pooling. Stem and res2 are frozen; every BatchNorm is torchvision's `FrozenBatchNorm2d`
   (statistics and affine fixed, i.e. "frozen and in eval mode"). Pixels of masked RoIs are zeroed in
@@ -25,9 +26,9 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from torchvision.ops import FrozenBatchNorm2d, roi_align
+from torchvision.ops import FrozenBatchNorm2d, roi_align, roi_pool
 
-from vlbert_ds.model.config import VLBertConfig
+from vlbert_ds.model.config import RoIPooler, StemPool, VLBertConfig
 from vlbert_ds.model.geometry import box_geometry_embedding
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,18 @@ class FrozenBatchNorm(FrozenBatchNorm2d):
         return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
 
 
-def _build_resnet(config: VLBertConfig) -> nn.Module:
-    """A torchvision ResNet with frozen BN, Caffe-style stride placement and a dilated res5."""
-    net = getattr(torchvision.models, config.backbone)(weights=None, norm_layer=FrozenBatchNorm)
+def _build_resnet(backbone: str, stride_in_1x1: bool, stem_pool: StemPool) -> nn.Module:
+    """A torchvision ResNet with frozen BN, Caffe-style stride placement and a dilated res5.
+
+    `stem_pool="caffe"`: the stem's max pool as Caffe's (kernel 3, stride 2, no padding, rounding up),
+    which the bottom-up-attention weights were trained with; torchvision's pads by 1 instead.
+    """
+    net = getattr(torchvision.models, backbone)(weights=None, norm_layer=FrozenBatchNorm)
+    if stem_pool == "caffe":
+        net.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
     for layer in (net.layer2, net.layer3):
         first = layer[0]
-        if config.backbone_stride_in_1x1 and isinstance(first, Bottleneck):
+        if stride_in_1x1 and isinstance(first, Bottleneck):
             first.conv1.stride, first.conv2.stride = first.conv2.stride, (1, 1)
     res5 = net.layer4
     res5[0].downsample[0].stride = (1, 1)
@@ -87,17 +94,52 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     return read_weight_file(path)
 
 
-class FastRCNNAppearance(nn.Module):
-    def __init__(self, config: VLBertConfig) -> None:
+class ResNetC4(nn.Module):
+    """The ResNet "C4" body shared by the end-to-end front end and the region detector.
+
+    One code path from pixels to a per-box feature: `feature_map` (stem, res2..res4: stride 16),
+    `box_features` (RoI pooling at 1/16, the dilated res5, mean over the pooled grid). The same
+    weights therefore give the same features in extraction (`model/detector.py`) and in end-to-end
+    training. Stage names as in the official `expose_stages`: stem (1), res2..res4 (2..4), res5.
+    """
+
+    def __init__(self, backbone: str = "resnet101", stride_in_1x1: bool = True, stem_pool: StemPool = "torchvision",
+                 roi_pooler: RoIPooler = "align", output_size: int = 14, sampling_ratio: int = 1) -> None:
         super().__init__()
-        net = _build_resnet(config)
-        # Stage names as in the official `expose_stages`: stem (1), res2..res4 (2..4); res5 is the RoI head.
+        if roi_pooler not in ("align", "pool"):
+            raise ValueError(f"roi_pooler must be 'align' or 'pool', got {roi_pooler!r}")
+        net = _build_resnet(backbone, stride_in_1x1, stem_pool)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.res2, self.res3, self.res4 = net.layer1, net.layer2, net.layer3
         self.res5 = net.layer4
         self.feature_dim = 512 * (4 if isinstance(self.res5[0], Bottleneck) else 1)
-        self.output_size = config.roi_align_output_size
-        self.sampling_ratio = config.roi_align_sampling_ratio
+        self.map_channels = self.feature_dim // 2
+        self.roi_pooler = roi_pooler
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+
+    def feature_map(self, images: Tensor) -> Tensor:
+        """Caffe-normalised BGR images [N,3,H,W] -> the res4 map [N,C,ceil(H/16),ceil(W/16)]."""
+        return self.res4(self.res3(self.res2(self.stem(images))))
+
+    def box_features(self, feature_map: Tensor, rois: Tensor) -> Tensor:
+        """rois [K,5] (image index, x1, y1, x2, y2 in input pixels) -> [K, feature_dim]."""
+        # torchvision's CPU kernels have no bf16 version: pool in fp32 there, back to bf16 after.
+        pool_dtype = torch.float32 if feature_map.device.type == "cpu" and feature_map.dtype == torch.bfloat16 \
+            else feature_map.dtype
+        fmap, rois = feature_map.to(pool_dtype), rois.to(pool_dtype)
+        if self.roi_pooler == "align":
+            pooled = roi_align(fmap, rois, output_size=self.output_size, spatial_scale=1.0 / 16,
+                               sampling_ratio=self.sampling_ratio, aligned=False)
+        else:  # Caffe's ROIPooling, as bottom-up-attention's `roi_pool5`
+            pooled = roi_pool(fmap, rois, output_size=self.output_size, spatial_scale=1.0 / 16)
+        return self.res5(pooled.to(feature_map.dtype)).mean(dim=(2, 3))  # AvgPool2d(14) + flatten
+
+
+class FastRCNNAppearance(ResNetC4):
+    def __init__(self, config: VLBertConfig) -> None:
+        super().__init__(config.backbone, config.backbone_stride_in_1x1, config.backbone_stem_pool,
+                         config.roi_pooler, config.roi_align_output_size, config.roi_align_sampling_ratio)
         self.frozen_stages = config.frozen_backbone_stages
         self.register_buffer("pixel_mean_bgr", torch.tensor(config.pixel_mean_bgr).view(1, 3, 1, 1),
                              persistent=False)
@@ -112,16 +154,22 @@ class FastRCNNAppearance(nn.Module):
                 p.requires_grad_(False)
 
     def load_backbone_weights(self, path: str | Path) -> None:
-        """Load torchvision-named ResNet weights (`conv1`, `bn1`, `layer1..4`) from a local file.
+        """Load ResNet weights from a local file: torchvision names (`conv1`, `bn1`, `layer1..4`), or ours
+        (`stem`, `res2..res5`, also under `body.` as a `vlbert-prep train-detector --arch bua-*` or
+        converted bottom-up-attention detector file holds them).
 
         `layer4` initialises the dilated res5 head, as the official `init_weight` does.
         """
         state = load_state_dict_file(path)
         rename = {"conv1.": "stem.0.", "bn1.": "stem.1.", "layer1.": "res2.", "layer2.": "res3.",
                   "layer3.": "res4.", "layer4.": "res5."}
+        ours = ("stem.", "res2.", "res3.", "res4.", "res5.")
         mapped: dict[str, Tensor] = {}
         for key, value in state.items():
-            key = key.removeprefix("module.").removeprefix("backbone.")
+            key = key.removeprefix("module.").removeprefix("backbone.").removeprefix("body.")
+            if key.startswith(ours):
+                mapped[key] = value
+                continue
             for old, new in rename.items():
                 if key.startswith(old):
                     mapped[new + key[len(old):]] = value
@@ -173,17 +221,11 @@ class FastRCNNAppearance(nn.Module):
             images = self.normalise(images, image_size)
         if region_masked is not None:
             images = self.mask_pixels(images, boxes.to(images.dtype), region_masked & region_mask)
-        feature_map = self.res4(self.res3(self.res2(self.stem(images))))
+        feature_map = self.feature_map(images)
         image_index, region_index = region_mask.nonzero(as_tuple=True)
         rois = torch.cat((image_index[:, None].to(feature_map.dtype),
                           boxes[image_index, region_index].to(feature_map.dtype)), dim=1)
-        # torchvision's CPU kernel has no bf16 version: pool in fp32 there, back to bf16 after.
-        pool_dtype = torch.float32 if feature_map.device.type == "cpu" and feature_map.dtype == torch.bfloat16 \
-            else feature_map.dtype
-        pooled = roi_align(feature_map.to(pool_dtype), rois.to(pool_dtype), output_size=self.output_size,
-                           spatial_scale=1.0 / 16, sampling_ratio=self.sampling_ratio,
-                           aligned=False).to(feature_map.dtype)
-        per_roi = self.res5(pooled).mean(dim=(2, 3))  # AvgPool2d(14) + flatten
+        per_roi = self.box_features(feature_map, rois)
         out = per_roi.new_zeros(*region_mask.shape, per_roi.shape[-1])
         out[image_index, region_index] = per_roi
         return out

@@ -103,23 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     regions.add_argument("--image-root", default=None, help="folder of relative image paths (default: the manifest's)")
     regions.add_argument("--allow-local-urls", action="store_true", help="as for captions")
     regions.add_argument("--detector", required=True,
-                         help="torchvision:ARCH:WEIGHTS, e.g. torchvision:fasterrcnn_resnet50_fpn_v2:frcnn.pth "
-                              "(a local .pth/.safetensors/.pkl; nothing is downloaded)")
+                         help="bua:WEIGHTS (bottom-up-attention Faster R-CNN: our .safetensors, or the MILVLG / "
+                              "airsplay ports' .pth / .pkl) or torchvision:ARCH:WEIGHTS, e.g. "
+                              "torchvision:fasterrcnn_resnet50_fpn_v2:frcnn.pth (local files; nothing is downloaded)")
     regions.add_argument("--out", required=True, help="output folder: a path or any fsspec URL")
     regions.add_argument("--images-per-file", type=int, default=1000)
     regions.add_argument("--batch-size", type=int, default=4, help="images per detector call")
     regions.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:1, ...")
-    regions.add_argument("--min-size", type=int, default=600, help="detector input short side (official: 600)")
-    regions.add_argument("--max-size", type=int, default=1000, help="detector input long side at most (1000)")
+    regions.add_argument("--min-size", type=int, default=None,
+                         help="detector input short side (default: a bua file's own, 600 for the released model "
+                              "and for torchvision models)")
+    regions.add_argument("--max-size", type=int, default=None,
+                         help="detector input long side at most (default: a bua file's own, else 1000)")
     regions.add_argument("--proposals", type=int, default=300, help="RPN proposals per image (official: 300)")
     regions.add_argument("--overwrite", action="store_true", help="redo region files made from other input")
 
-    trainer = sub.add_parser("train-detector", help="train a torchvision Faster R-CNN on the embedded default's "
-                             "scenes (exact boxes and classes) and measure it on the held-out scenes")
+    trainer = sub.add_parser("train-detector", help="train a detector on the embedded default's scenes (exact "
+                             "boxes and classes) and measure it on the held-out scenes")
     trainer.add_argument("--data", required=True, help="a `vlbert-prep default` folder")
-    trainer.add_argument("--arch", default="fasterrcnn_mobilenet_v3_large_320_fpn",
-                         help="a torchvision detection model")
-    trainer.add_argument("--out", required=True, help="the weights file to write (.pth); the figures go beside it")
+    trainer.add_argument("--arch", default="bua-resnet18",
+                         help="bua-resnet18/34/50/101 (our bottom-up-attention detector) or a torchvision "
+                              "detection model (e.g. fasterrcnn_mobilenet_v3_large_320_fpn)")
+    trainer.add_argument("--out", required=True, help="the weights file to write (.safetensors for bua-*, else "
+                         ".pth); the figures go beside it")
     trainer.add_argument("--steps", type=int, default=1500)
     trainer.add_argument("--batch-size", type=int, default=4)
     trainer.add_argument("--lr", type=float, default=1e-3)
@@ -172,7 +178,7 @@ def train_detector(args: argparse.Namespace) -> int:
           f"{report['train_seconds']:.0f} s")
     for row in rows:
         print(f"{row[0]:<10} {row[1]:>16} {row[2]:>21} {row[3]:>12}")
-    print(f"weights: {args.out} (use --detector torchvision:{args.arch}:{args.out}); figures: "
+    print(f"weights: {args.out} (use --detector {report['detector']}); figures: "
           f"{Path(args.out).with_suffix('.json')}")
     return 0
 
@@ -212,7 +218,7 @@ def run_regions(args: argparse.Namespace):
     from vlbert_ds.prep.extract import extract_regions
 
     for name in ("images_per_file", "batch_size", "min_size", "max_size", "proposals"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     root = args.image_root if args.image_root is not None else args.manifest.rsplit("/", 1)[0] \
         if "/" in args.manifest else "."

@@ -7,7 +7,9 @@ its `image` reference when it has none. Each file is written atomically and then
 `regions-NNNNNN_stats.json`, which records a digest of its rows and of the detector (spec, weights
 file content, input sizes): a re-run skips finished files, refuses files made from other input
 (`--overwrite` redoes them), and removes temporary files a killed run left. Images that cannot be
-read are skipped and counted by reason, as in the rest of prep.
+read are skipped and counted by reason, as in the rest of prep; so are images where the detector
+keeps no box at all (`no_regions`: smaller than the bottom-up-attention detector's 16-pixel minimum
+proposal, as in Caffe's proposal layer).
 
 Images are read as `vlbert-prep captions` reads them (EXIF orientation, every mode to RGB, the same
 local-file guard), batched by aspect ratio, and run on the GPU when one is present (CPU otherwise).
@@ -117,6 +119,9 @@ def write_region_file(out: str, index: int, rows: list[CaptionRow], detector, im
             found = detector(tensors)
         for (position, key, img), regions in zip(chunk, found, strict=True):
             count = int(regions.boxes.shape[0])
+            if count == 0:  # e.g. an image smaller than the detector's smallest proposal (16 pixels a side)
+                skipped["no_regions"] += 1
+                continue
             boxes_total += count
             lines[position] = "\t".join([key, str(img.shape[2]), str(img.shape[1]), str(count),
                                          _b64(regions.boxes.cpu().numpy()), _b64(regions.features.cpu().numpy()),
@@ -132,13 +137,13 @@ def write_region_file(out: str, index: int, rows: list[CaptionRow], detector, im
 
 def extract_regions(rows: list[CaptionRow], out: str, detector_spec: str, image_root: str = "",
                     allow_local: bool = False, images_per_file: int = 1000, batch_size: int = 4,
-                    device: str = "auto", min_size: int = 600, max_size: int = 1000, proposals: int = 300,
-                    overwrite: bool = False) -> RegionsSummary:
-    from vlbert_ds.model.detector import TorchvisionRegionDetector, parse_detector_spec
+                    device: str = "auto", min_size: int | None = None, max_size: int | None = None,
+                    proposals: int = 300, overwrite: bool = False) -> RegionsSummary:
+    from vlbert_ds.model.detector import build_region_detector, parse_detector_spec
 
     start_time = time.time()
-    _, arch, weights = parse_detector_spec(detector_spec)
-    options = {"detector": f"torchvision:{arch}", "weights": file_digest(weights) if weights else None,
+    kind, arch, weights = parse_detector_spec(detector_spec)
+    options = {"detector": f"{kind}:{arch}" if arch else kind, "weights": file_digest(weights) if weights else None,
                "min_size": min_size, "max_size": max_size, "proposals": proposals}
     files = [rows[i : i + images_per_file] for i in range(0, len(rows), images_per_file)]
     digests = [hashlib.sha256(json.dumps({"options": options, "first_row": i * images_per_file,
@@ -150,10 +155,10 @@ def extract_regions(rows: list[CaptionRow], out: str, detector_spec: str, image_
                                                     regions_stats_name, r"^regions-(\d{6})(\.tsv|_stats\.json)$")
     if todo:
         target = pick_device(device)
-        detector = TorchvisionRegionDetector(arch, weights, min_size=min_size, max_size=max_size,
-                                             proposals=proposals).to(target)
-        print(f"detector: torchvision {arch} ({detector.num_classes} classes, {detector.feature_dim}-d features) "
-              f"on {target}", flush=True)
+        detector = build_region_detector(detector_spec, min_size, max_size, proposals).to(target)
+        name = f"bottom-up-attention {detector.spec.backbone}" if kind == "bua" else f"torchvision {arch}"
+        print(f"detector: {name} ({detector.num_classes} classes, {detector.feature_dim}-d features) on {target}",
+              flush=True)
         progress = tqdm(total=sum(len(files[i]) for i in todo), unit="img", desc="vlbert-prep regions",
                         leave=False, disable=None)
         for index in todo:

@@ -80,6 +80,9 @@ class TrainSection:
     log_every: int = 10
     eval_every: int = 0  # visual-grounding evaluation every N steps (0 = at the end only)
     eval_samples: int = 200
+    # Held-out default-scene shards for the grounding check, e.g. the default scenes prepared with a
+    # detector's regions (default: <data.prepare_default>/vl/val; "" and no prepare_default = no check).
+    grounding_data: str = ""
     output_dir: str = "runs/default"
     dist_timeout_s: float = 600.0  # a collective waiting on a dead rank fails after this long
 

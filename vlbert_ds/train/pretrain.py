@@ -280,7 +280,8 @@ def _run(config: RunConfig, dist: DistEnv, batches, stop: StopRequests, tracker)
 
     _, data = open_epoch(state.epoch, state.consumed)
     grounding = None
-    val_spec = str(Path(config.data.prepare_default) / "vl/val") if config.data.prepare_default else ""
+    val_spec = config.train.grounding_data or (
+        str(Path(config.data.prepare_default) / "vl/val") if config.data.prepare_default else "")
     if batches is None and val_spec and dist.is_main:
         grounding = build_grounding_set(val_spec, loader_config(config).tokenizer, config.model.visual_front_end,
                                         config.model.num_region_classes, config.train.eval_samples)
