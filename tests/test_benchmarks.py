@@ -26,11 +26,15 @@ def test_pretrain_step_benchmark_writes_both_models_and_the_ratio(tmp_path):
 
 def test_extract_regions_benchmark_writes_the_time_shares(tmp_path):
     out = tmp_path / "regions.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "extract_regions.py"), "--arch",
-                           "fasterrcnn_mobilenet_v3_large_320_fpn", "--images", "2", "--batch-size", "1",
-                           "--warmup", "0", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "extract_regions.py"), "--arch", "bua-resnet18",
+                           "--arch", "fasterrcnn_mobilenet_v3_large_320_fpn", "--images", "2", "--batch-size", "1",
+                           "--warmup", "0", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["results"]
-    assert row["images"] == 2 and row["images_per_s"] > 0 and 10 <= row["boxes_per_image"] <= 100
-    assert 0.5 < sum(row["share"].values()) <= 1.0 + 1e-6  # the parts cover the loop, save the image copies
-    assert "fasterrcnn_mobilenet_v3_large_320_fpn" in done.stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [r["arch"] for r in rows] == ["bua-resnet18", "fasterrcnn_mobilenet_v3_large_320_fpn"]
+    for row in rows:
+        assert row["images"] == 2 and row["images_per_s"] > 0 and 10 <= row["boxes_per_image"] <= 100
+        assert 0.5 < sum(row["share"].values()) <= 1.0 + 1e-6  # the parts cover the loop, save the image copies
+    assert rows[0]["classes"] == 1601 and rows[0]["feature_dim"] == 512
+    assert rows[1]["speed_vs_first"] == rows[1]["images_per_s"] / rows[0]["images_per_s"]
+    assert "bottom-up-attention resnet18" in done.stdout and "fasterrcnn_mobilenet_v3_large_320_fpn" in done.stdout

@@ -330,3 +330,16 @@ def test_regions_command_with_a_bua_detector_on_every_image_mode(modes, tmp_path
                       "--out", str(shards), "--processes", "1"]) == 0
     stats = json.loads((shards / "shard-000000_stats.json").read_text())
     assert stats["successes"] == 5 and stats["skipped"] == {"missing_regions": 1}
+
+    # `captions --detector` does both steps in one command, and a re-run finds both done.
+    one_pass = tmp_path / "one_pass"
+    command = ["captions", "--manifest", str(modes / "m.jsonl"), "--detector", f"bua:{weights}", "--no-images",
+               "--out", str(one_pass), "--processes", "1"]
+    assert prep_main(command) == 0
+    detected = (one_pass / "regions" / "regions-000000.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in detected] == [line.split("\t")[0] for line in lines]
+    assert json.loads((one_pass / "shard-000000_stats.json").read_text())["successes"] == 5
+    capsys.readouterr()
+    assert prep_main(command) == 0
+    printed = capsys.readouterr().out
+    assert "1 already done" in printed and "(0 written, 1 already done)" in printed

@@ -50,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="let manifest image references be absolute paths or file:// (and other "
                                "local-filesystem) URLs; off by default so that a manifest cannot read "
                                "arbitrary files of this machine")
+    captions.add_argument("--detector", default=None,
+                          help="detect the regions first, as `vlbert-prep regions --detector` (bua:WEIGHTS or "
+                               "torchvision:ARCH:WEIGHTS), into --regions DIR (default: OUT/regions), then read "
+                               "them: images to shards in one command, resumable as both steps are")
     captions.add_argument("--no-images", action="store_true",
-                          help="store region features only (precomputed mode); needs --regions")
+                          help="store region features only (precomputed mode); needs --regions or --detector")
     captions.add_argument("--short-side", type=int, default=600)
     captions.add_argument("--max-long-side", type=int, default=1000)
     captions.add_argument("--samples-per-shard", type=int, default=1000)
@@ -236,12 +240,21 @@ def run(args: argparse.Namespace) -> list[PrepSummary]:
     if args.command == "captions":
         from vlbert_ds.prep.captions import CaptionSampleMaker, read_manifest
 
-        if args.no_images and not args.regions:
-            raise SystemExit("vlbert-prep captions: --no-images needs --regions (features come from them)")
+        if args.no_images and not (args.regions or args.detector):
+            raise SystemExit("vlbert-prep captions: --no-images needs --regions or --detector (features come "
+                             "from them)")
         rows = read_manifest(args.manifest)
         root = args.image_root if args.image_root is not None else args.manifest.rsplit("/", 1)[0] \
             if "/" in args.manifest else "."
-        maker = CaptionSampleMaker(root, args.regions, tokenizer, with_images=not args.no_images,
+        regions = args.regions
+        if args.detector:
+            from vlbert_ds.prep.extract import extract_regions
+
+            regions = args.regions or storage.join(args.out, "regions")
+            found = extract_regions(rows, regions, args.detector, root, args.allow_local_urls,
+                                    overwrite=args.overwrite)
+            print(found.table(), flush=True)
+        maker = CaptionSampleMaker(root, regions, tokenizer, with_images=not args.no_images,
                                    short_side=args.short_side, max_long_side=args.max_long_side,
                                    allow_local_urls=args.allow_local_urls)
         return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, "vl", args.processes,
@@ -278,8 +291,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     """Every input named on the command line exists, before the output folder is touched."""
     for attribute, flag, kind in _INPUTS.get(args.command, []):
         value = getattr(args, attribute, None)
-        if not value:
-            continue
+        if not value or (attribute == "regions" and getattr(args, "detector", None)):
+            continue  # (with --detector, --regions is where the detected regions go)
         urls = value if isinstance(value, list) else [p for p in value.split(",") if p] \
             if attribute == "regions" else [value]
         for url in urls:
@@ -290,7 +303,7 @@ def check_inputs(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag} {url}: is a folder, expected a file")
             if kind == "folder" and not fs.isdir(path):
                 raise ValueError(f"{flag} {url}: is not a folder")
-    if args.command == "regions":
+    if args.command == "regions" or getattr(args, "detector", None):
         from vlbert_ds.model.detector import parse_detector_spec
 
         _, _, weights = parse_detector_spec(args.detector)
