@@ -144,7 +144,8 @@ def train(arch: str, scenes: list[Scene], num_classes: int, steps: int, batch_si
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
     progress = tqdm(range(steps), desc="train-detector", unit="step", disable=None)
-    for _ in progress:
+    started, every = time.time(), max(1, steps // 20)
+    for step in progress:
         batch = rng.sample(scenes, min(batch_size, len(scenes)))
         images = [s.image if bua else s.image.float() / 255.0 for s in batch]
         targets = [{"boxes": s.boxes, "labels": s.labels} for s in batch]
@@ -156,6 +157,9 @@ def train(arch: str, scenes: list[Scene], num_classes: int, steps: int, batch_si
         optimizer.step()
         schedule.step()
         progress.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if progress.disable and ((step + 1) % every == 0 or step + 1 == steps):  # a log, not a terminal
+            print(f"train-detector: step {step + 1}/{steps}, loss {float(loss.detach()):.3f}, "
+                  f"{(time.time() - started) / (step + 1):.2f} s/step", flush=True)
     progress.close()
     if bua:
         swap_batchnorm(net, trainable=False)
