@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=None, help="only the first N training scenes")
     parser.add_argument("--val-images", type=int, default=None, help="only the first N held-out scenes")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--proposals", type=int, default=300, help="RPN proposals per image (official: 300)")
     args = parser.parse_args(argv)
     prep = str(Path(sys.executable).with_name("vlbert-prep"))
     out = Path(args.out)
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest, count = export_scenes(storage.join(args.default, f"vl/{split}"), work, limit)
         print(f"{split}: {count} scenes -> {manifest}", flush=True)
         run([prep, "regions", "--manifest", str(manifest), "--detector", args.detector,
-             "--out", str(work / "regions"), "--batch-size", str(args.batch_size)])
+             "--out", str(work / "regions"), "--batch-size", str(args.batch_size),
+             "--proposals", str(args.proposals)])
         run([prep, "captions", "--manifest", str(manifest), "--regions", str(work / "regions"),
              "--out", str(out / "vl" / split)])
     print(f"\npretrain on it (the main job's recipe, these shards, the grounding check on vl/val):\n"

@@ -97,8 +97,29 @@ def _load_image(row: CaptionRow, image_root: str, allow_local: bool) -> torch.Te
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+class Progress:
+    """A tqdm bar on a terminal; a line every `every_s` seconds in a log (tqdm shows nothing there)."""
+
+    def __init__(self, total: int, every_s: float = 30.0) -> None:
+        self.bar = tqdm(total=total, unit="img", desc="vlbert-prep regions", leave=False, disable=None)
+        self.total, self.done, self.every_s = total, 0, every_s
+        self.start = self.last = time.time()
+
+    def update(self, count: int) -> None:
+        self.bar.update(count)
+        self.done += count
+        now = time.time()
+        if self.bar.disable and (now - self.last >= self.every_s or self.done == self.total):
+            self.last = now
+            print(f"vlbert-prep regions: {self.done:,}/{self.total:,} images, "
+                  f"{self.done / max(now - self.start, 1e-9):.2f} images/s", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def write_region_file(out: str, index: int, rows: list[CaptionRow], detector, image_root: str, allow_local: bool,
-                      batch_size: int, device: torch.device, digest: str, progress) -> dict:
+                      batch_size: int, device: torch.device, digest: str, progress: Progress) -> dict:
     """Detect regions in one file's worth of rows, write the TSV, then its stats (the commit marker)."""
     skipped: Counter = Counter()
     images: list[tuple[int, str, torch.Tensor]] = []
@@ -159,8 +180,7 @@ def extract_regions(rows: list[CaptionRow], out: str, detector_spec: str, image_
         name = f"bottom-up-attention {detector.spec.backbone}" if kind == "bua" else f"torchvision {arch}"
         print(f"detector: {name} ({detector.num_classes} classes, {detector.feature_dim}-d features) on {target}",
               flush=True)
-        progress = tqdm(total=sum(len(files[i]) for i in todo), unit="img", desc="vlbert-prep regions",
-                        leave=False, disable=None)
+        progress = Progress(sum(len(files[i]) for i in todo))
         for index in todo:
             stats = write_region_file(out, index, files[index], detector, image_root, allow_local, batch_size,
                                       target, digests[index], progress)
