@@ -93,6 +93,19 @@ def select_regions(boxes: Tensor, scores: Tensor, nms_iou: float = NMS_IOU, thre
     return kept, max_conf[kept]
 
 
+def load_exactly(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Load `state` into `module` when every name and shape fits; else say what does not (`what: ...`)."""
+    ours = module.state_dict()
+    missing = sorted(k for k in ours if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in ours)
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+                  if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{what}: {len(missing)} missing (e.g. {missing[:4]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:4]}), {len(mismatched)} of another shape (e.g. {mismatched[:3]})")
+    module.load_state_dict(state, strict=False)
+
+
 def _torchvision_builder(arch: str):
     builder = getattr(torchvision.models.detection, arch, None)
     if builder is None or not callable(builder) or arch.startswith("_"):
@@ -121,16 +134,7 @@ class TorchvisionRegionDetector(nn.Module):
         if not hasattr(self.net, "roi_heads") or not hasattr(self.net.roi_heads, "box_head"):
             raise ValueError(f"{arch} has no box head to take region features from (use a Faster/Mask R-CNN)")
         if state is not None:
-            ours = self.net.state_dict()
-            missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")]
-            unexpected = [k for k in state if k not in ours]
-            mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-                          if k in state and state[k].shape != v.shape]
-            if missing or unexpected or mismatched:
-                raise ValueError(f"{weights} does not fit torchvision's {arch} with {num_classes} classes: "
-                                 f"{len(missing)} missing (e.g. {missing[:4]}), {len(unexpected)} unexpected "
-                                 f"(e.g. {unexpected[:4]}), {len(mismatched)} of another shape (e.g. {mismatched[:3]})")
-            self.net.load_state_dict(state, strict=False)
+            load_exactly(self.net, state, f"{weights} does not fit torchvision's {arch} with {num_classes} classes")
         self.num_classes = num_classes
         self.eval()
 
@@ -610,16 +614,7 @@ def build_bua_detector(weights: str | Path | None, spec: BUASpec | None = None,
         return BottomUpAttentionDetector(dataclasses.replace(spec or BUASpec(), **spec_overrides)).eval()
     found, state = load_detector_weights(weights)
     detector = BottomUpAttentionDetector(dataclasses.replace(found, **spec_overrides))
-    ours = detector.state_dict()
-    missing = sorted(k for k in ours if k not in state)
-    unexpected = sorted(k for k in state if k not in ours)
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-                  if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(f"{weights} does not fit a {found.backbone} bottom-up-attention detector: {len(missing)} "
-                         f"missing (e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {unexpected[:4]}), "
-                         f"{len(mismatched)} of another shape (e.g. {mismatched[:3]})")
-    detector.load_state_dict(state)
+    load_exactly(detector, state, f"{weights} does not fit a {found.backbone} bottom-up-attention detector")
     return detector.eval()
 
 

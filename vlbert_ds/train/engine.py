@@ -8,6 +8,7 @@ ds_config that sets any of them to a different value is an error before any step
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,18 @@ _OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "trai
           "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
 def read_ds_config(path: str) -> dict[str, Any]:
+    """A DeepSpeed JSON: the path as given, else one shipped with the package (`ds_configs/zero2.json`
+    names `vlbert_ds/train/ds_configs/zero2.json`, so a non-editable install finds the defaults)."""
     candidate = Path(path)
     if not candidate.is_file() and not candidate.is_absolute():
-        candidate = repo_root() / path
+        shipped = resources.files("vlbert_ds.train").joinpath(*candidate.parts)
+        if shipped.is_file():
+            return json.loads(shipped.read_text())
     if not candidate.is_file():
-        raise FileNotFoundError(f"train.ds_config: {path} not found")
+        known = sorted(f"ds_configs/{f.name}" for f in resources.files("vlbert_ds.train").joinpath("ds_configs")
+                       .iterdir() if f.name.endswith(".json"))
+        raise FileNotFoundError(f"train.ds_config: {path} not found (shipped: {', '.join(known)})")
     return json.loads(candidate.read_text())
 
 
