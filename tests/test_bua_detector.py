@@ -51,6 +51,11 @@ def test_caffe_box_arithmetic():
     target = torch.tensor([[3.0, 4.0, 40.0, 30.0]])
     assert torch.allclose(coder.decode_single(coder.encode_single(target, box), box) - torch.tensor([[0, 0, 1, 1]]),
                           target, atol=1e-5)
+    # bf16 network outputs (GPU autocast) are decoded in fp32: 979 is not a bf16 number (980 is)
+    codes = torch.tensor([[0.1, 0.0, float(np.log(2.0)), 0.0]]).bfloat16()
+    far = torch.tensor([[900.0, 500.0, 979.0, 579.0]])
+    decoded = coder.decode_single(codes, far)
+    assert decoded.dtype == torch.float32 and torch.equal(decoded, coder.decode_single(codes.float(), far))
     # Caffe's IoU counts the end pixel: (0..9) vs (5..14) share 5 of 10 columns: 50 / 150 = 0.333 > 0.3
     boxes = torch.tensor([[0.0, 0.0, 9.0, 9.0], [5.0, 0.0, 14.0, 9.0]])
     scores = torch.tensor([0.9, 0.8])

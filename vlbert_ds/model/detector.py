@@ -283,7 +283,8 @@ class CaffeBoxCoder(det_utils.BoxCoder):
                             wh * torch.log(gt_h / ex_h)), dim=1)
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
-        boxes = boxes.to(rel_codes.dtype)
+        # In fp32 whatever the network ran in: bf16 would place a 1000-pixel coordinate 4 pixels off.
+        rel_codes, boxes = rel_codes.float(), boxes.float()
         widths = boxes[:, 2] - boxes[:, 0] + 1.0
         heights = boxes[:, 3] - boxes[:, 1] + 1.0
         ctr_x, ctr_y = boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights
