@@ -43,9 +43,18 @@ def measure_bua(arch: str, images: list[torch.Tensor], batch_size: int, device: 
     from torchvision.models.detection.image_list import ImageList
 
     from vlbert_ds.model.detector import BottomUpAttentionDetector, BUASpec, select_regions
+    from vlbert_ds.model.visual import calibrate_frozen_batchnorm
 
     torch.manual_seed(0)
-    detector = BottomUpAttentionDetector(BUASpec(backbone=arch.removeprefix("bua-"))).to(device).eval()
+    detector = BottomUpAttentionDetector(BUASpec(backbone=arch.removeprefix("bua-"))).eval()
+    # Random weights, made to behave: BatchNorm statistics from a real image (activations of order 1)
+    # and zero RPN box deltas (proposals = anchors), so the RPN keeps its 300 proposals as a trained
+    # one does; the time per image does not depend on the values otherwise.
+    calibrate_frozen_batchnorm(detector, lambda: detector.features_for_boxes(images[:1], [torch.zeros(1, 4)]))
+    with torch.no_grad():
+        detector.rpn.head.deltas.weight.zero_()
+        detector.rpn.head.deltas.bias.zero_()
+    detector = detector.to(device)
     parts = {"backbone": 0.0, "rpn": 0.0, "box_head": 0.0, "selection": 0.0}
     boxes_kept = 0
     start = _clock(device)

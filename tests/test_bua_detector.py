@@ -23,7 +23,7 @@ from vlbert_ds.model.detector import (
     load_detector_weights,
     save_detector,
 )
-from vlbert_ds.model.visual import FastRCNNAppearance, FrozenBatchNorm
+from vlbert_ds.model.visual import FastRCNNAppearance, calibrate_frozen_batchnorm
 from vlbert_ds.prep.cli import main as prep_main
 
 SMALL = dict(backbone="resnet18", num_classes=25, num_attributes=0, anchor_scales=(2.0, 4.0, 8.0),
@@ -193,22 +193,6 @@ def test_weights_of_another_architecture_are_refused_naming_what_does_not_fit(tm
 
 # --- one body: extraction features == end-to-end front end features ------------------------------
 
-def _calibrate(module: torch.nn.Module, image: torch.Tensor, run) -> None:
-    """Give every frozen BatchNorm the statistics of its input on `image` (a data-dependent init), so that
-    random weights produce activations of order 1 and a 1e-5 tolerance means something."""
-    def hook(norm, args):
-        x = args[0]
-        norm.running_mean.copy_(x.mean(dim=(0, 2, 3)))
-        norm.running_var.copy_(x.var(dim=(0, 2, 3)) + 1e-3)
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.2, 0.2)
-    handles = [m.register_forward_pre_hook(hook) for m in module.modules() if isinstance(m, FrozenBatchNorm)]
-    with torch.no_grad():
-        run(image)
-    for handle in handles:
-        handle.remove()
-
-
 @pytest.fixture(scope="module")
 def photo():
     from skimage import data
@@ -221,7 +205,9 @@ def photo():
 def test_extraction_and_the_end_to_end_front_end_give_the_same_features(tmp_path, photo, pooler):
     torch.manual_seed(0)
     detector = BottomUpAttentionDetector(BUASpec(backbone="resnet18", num_attributes=0, roi_pooler=pooler)).eval()
-    _calibrate(detector, photo, lambda img: detector.features_for_boxes([img], [torch.tensor([[0, 0, 99, 99.0]])]))
+    # statistics from the photograph: activations of order 1, so that the 1e-5 tolerance means something
+    box = torch.tensor([[0, 0, 99, 99.0]])
+    calibrate_frozen_batchnorm(detector, lambda: detector.features_for_boxes([photo], [box]))
     path = tmp_path / "bua.safetensors"
     save_detector(detector, path)
     config = VLBertConfig.preset("tiny", visual_front_end="end_to_end", backbone="resnet18",

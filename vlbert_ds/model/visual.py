@@ -63,6 +63,31 @@ class FrozenBatchNorm(FrozenBatchNorm2d):
         return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
 
 
+def calibrate_frozen_batchnorm(module: nn.Module, forward, seed: int = 0) -> None:
+    """Give every frozen BatchNorm of `module` the statistics of its input during `forward()` (and a
+    random affine), so that a randomly initialised network has activations of order 1.
+
+    For benchmarks and tests with random weights: without it a deep ResNet's activations grow by
+    orders of magnitude (frozen BN is the identity at init) and every RPN box degenerates.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def hook(norm: FrozenBatchNorm, args) -> None:
+        x = args[0].float()
+        norm.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        norm.running_var.copy_(x.var(dim=(0, 2, 3)) + 1e-3)
+        norm.weight.copy_(torch.rand(norm.weight.shape, generator=generator) + 0.5)
+        norm.bias.copy_(torch.rand(norm.bias.shape, generator=generator) * 0.4 - 0.2)
+
+    handles = [m.register_forward_pre_hook(hook) for m in module.modules() if isinstance(m, FrozenBatchNorm)]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _build_resnet(backbone: str, stride_in_1x1: bool, stem_pool: StemPool) -> nn.Module:
     """A torchvision ResNet with frozen BN, Caffe-style stride placement and a dilated res5.
 
