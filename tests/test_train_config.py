@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from torch import nn
 
 from vlbert_ds.train.config import load_config
@@ -99,3 +100,36 @@ def test_output_folders_must_be_paths_not_urls():
     for key in ("train.output_dir", "checkpoint.dir", "data.prepare_default"):
         with pytest.raises(ValueError, match=f"{key} must be a local or shared-filesystem path"):
             load_config(None, ["data.vl_sources=[s3://b/cc]", f"{key}=s3://bucket/run"])
+
+
+def test_closed_choices_are_checked_at_load_naming_the_allowed_values(capsys):
+    from vlbert_ds.train.pretrain import main
+
+    for override, allowed in (("data.mode=exactly", "'resampled', 'exact'"),
+                              ("train.precision=fp8", "'bf16', 'fp16', 'fp32'"),
+                              ("optimizer.schedule=cosine", "'linear', 'constant'"),
+                              ("model.visual_front_end=e2e", "'precomputed', 'end_to_end'"),
+                              ("task.vcr_mode=a2q", "'q2a', 'qa2r'")):
+        assert main(["--print-config", override, "data.prepare_default=data/x"]) == 2
+        section_key = override.split("=")[0]
+        assert f"{section_key} must be one of {allowed}" in capsys.readouterr().err
+
+
+def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
+    from vlbert_ds.train.pretrain import main
+
+    (tmp_path / "run.yaml").write_text("data: {prepare_default: data/d, mode: exact}\ntrain: {steps: 7}\n")
+    assert main(["--config", str(tmp_path / "run.yaml"), "--print-config", "train.steps=9",
+                 "data.vl_sources=[s3://user:secret@host/b/shard-{0..3}.tar]"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["steps"] == 9 and printed["data"]["mode"] == "exact"
+    assert printed["data"]["vl_sources"] == ["s3://***@host/b/shard-{0..3}.tar"]  # credentials masked
+    assert printed["optimizer"]["schedule"] == "linear"  # defaults resolved too
+
+
+def test_finetune_print_config_resolves_the_task(capsys):
+    from vlbert_ds.train.finetune import main
+
+    assert main(["--task", "vcr", "--print-config", "task.train=data/vcr/train", "task.vcr_mode=qa2r"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["task"]["name"] == "vcr" and printed["task"]["vcr_mode"] == "qa2r"

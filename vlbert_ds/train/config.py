@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,7 +26,7 @@ class ModelSection:
     # or empty to build `preset` from scratch.
     bert: str = "default"
     preset: str = "mini"
-    visual_front_end: str = "precomputed"
+    visual_front_end: Literal["precomputed", "end_to_end"] = "precomputed"
     num_region_classes: int = 1601
     # Any other VLBertConfig field, e.g. {"hidden_dropout_prob": 0.1}.
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -41,7 +41,7 @@ class DataSection:
     text_sources: list[str] = field(default_factory=list)
     text_weights: list[float] = field(default_factory=list)
     tokenizer: str = "default"
-    mode: str = "resampled"  # or "exact"
+    mode: Literal["resampled", "exact"] = "resampled"
     samples_per_epoch: int = 0  # resampled mode: vision-language samples per (virtual) epoch, all ranks
     vl_per_batch: int = 16  # per rank, per micro-batch
     text_per_batch: int = 16  # per rank, per micro-batch (1:1 as the paper)
@@ -66,7 +66,7 @@ class OptimizerSection:
     # (as the reference), and under Adam a gain moves about `lr` per step: short runs need this > 1.
     fresh_lr_multiplier: float = 1.0
     warmup_steps: int = 100
-    schedule: str = "linear"  # warm-up then linear decay to 0 at train.steps; or "constant"
+    schedule: Literal["linear", "constant"] = "linear"  # warm-up then linear decay to 0 at train.steps
     grad_clip: float = 10.0
 
 
@@ -74,7 +74,7 @@ class OptimizerSection:
 class TrainSection:
     steps: int = 1000  # optimizer steps
     grad_accum: int = 1
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     ds_config: str = "ds_configs/zero2.json"
     seed: int = 12345
     log_every: int = 10
@@ -109,12 +109,12 @@ class TrackingSection:
 class TaskSection:
     """Fine-tuning only (`vlbert-finetune`); pretraining ignores it."""
 
-    name: str = ""  # vqa | vcr | refcoco
+    name: Literal["", "vqa", "vcr", "refcoco"] = ""
     train: str = ""  # task shard spec (see docs/shard-format.md, kinds vqa/vcr/refcoco)
     val: str = ""
     init: str = ""  # a pretraining save_pretrained folder; "" = BERT-only initialisation (model.bert)
     answers: str = ""  # VQA: JSON list of answers (default: answers.json in the train folder, as vlbert-prep writes it)
-    vcr_mode: str = "q2a"  # q2a | qa2r
+    vcr_mode: Literal["q2a", "qa2r"] = "q2a"
     # VCR auxiliary RoI classes: "auto" = object_classes.json in the train folder if there, else the
     # 81 COCO classes (official); "coco"; "none" (off); or a JSON list file (index 0 = background).
     object_classes: str = "auto"
@@ -206,6 +206,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check (and gently convert) a value against a dataclass field annotation."""
     hint = typing.get_origin(annotation) or annotation
     if annotation is Any:
+        return value
+    if hint is Literal:  # a closed choice: refused before anything is built, naming the choices
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ValueError(f"config: {where} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
         return value
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
         try:

@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"with --task all: {what} (default: the budget's)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides, validated) and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     dist = discover()
@@ -359,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"vlbert-finetune: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
     init_distributed(dist, timeout_s=config.train.dist_timeout_s)
     print(dist.describe(), flush=True)
     try:

@@ -448,15 +448,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlbert-pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML or TOML run config")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides, validated) and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
-    dist = discover()
-    setup_process(dist)
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"vlbert-pretrain: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    dist = discover()
+    setup_process(dist)
     init_distributed(dist, timeout_s=config.train.dist_timeout_s)
     print(dist.describe(), flush=True)
     try:
