@@ -31,9 +31,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from vlbert_ds.bundled import default_bert as default_tokenizer  # noqa: E402
 from vlbert_ds.data import ExampleConfig, LoaderConfig, PretrainStream, SourceSpec  # noqa: E402
 from vlbert_ds.data.schema import VLRecord, encode_vl  # noqa: E402
-from vlbert_ds.prep.cli import default_tokenizer  # noqa: E402
 from vlbert_ds.prep.default import make_scene  # noqa: E402
 from vlbert_ds.prep.writer import chunk, write_dataset  # noqa: E402
 

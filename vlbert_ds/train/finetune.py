@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from vlbert_ds.bundled import default_bert
 from vlbert_ds.train.config import RunConfig, load_config
 from vlbert_ds.train.distributed import DistEnv, discover, exit_fast_on_error, init_distributed, setup_process
 from vlbert_ds.train.preemption import StopRequests, exit_code_after_stop
-from vlbert_ds.train.pretrain import TrainState, default_bert
+from vlbert_ds.train.pretrain import TrainState
 
 log = logging.getLogger("vlbert_ds.finetune")
 METRIC_NAMES = {"vqa": "vqa_accuracy", "vcr": "accuracy", "refcoco": "accuracy_iou50"}

