@@ -3,7 +3,7 @@
 The proof that region extraction works end to end (docs/regions.md): the default scenes become
 what a user brings (JPEG files and a caption manifest), a detector finds their regions
 (`vlbert-prep regions`), `vlbert-prep captions --regions` writes the shards, and pretraining on them
-is judged by the same grounding check as the main job (`train.grounding_data`).
+is judged by the same grounding check as the main job (`grounding.data`).
 
     .venv/bin/python datasets/default_with_detector.py --default data/default \\
         --detector bua:runs/detector/bua_r18.safetensors --out data/default-detected --train-images 1000
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npretrain on it (the main job's recipe, these shards, the grounding check on vl/val):\n"
           f"  bash launch/local.sh 2 configs/default.yaml data.prepare_default= "
           f"'data.vl_sources=[{out}/vl/train]' 'data.text_sources=[{args.default}/text/train]' "
-          f"train.grounding_data={out}/vl/val "
+          f"grounding.data={out}/vl/val "
           f"'model.overrides={{visual_ln_gain_init: 0.05, precomputed_feature_dim: FEATURE_DIM}}'")
     return 0
 

@@ -12,4 +12,4 @@ if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 port=${MASTER_PORT:-$(( 29500 + RANDOM % 1000 ))}
 exec "$python" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "$port" \
-  --module vlbert_ds.train.pretrain --config "$config" "$@"
+  --module vlbert_ds.cli.pretrain --config "$config" "$@"

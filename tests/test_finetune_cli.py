@@ -20,7 +20,7 @@ def _finetune(task: str, out: Path, extra: list[str], data: Path) -> subprocess.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "MASTER_PORT": str(29700 + os.getpid() % 200)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
-    command = [sys.executable, "-m", "vlbert_ds.train.finetune", "--task", task, f"task.train={data / task / 'train'}",
+    command = [sys.executable, "-m", "vlbert_ds.cli.finetune", "--task", task, f"task.train={data / task / 'train'}",
                f"task.val={data / task / 'val'}", f"train.output_dir={out}", *COMMON, *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
@@ -39,7 +39,7 @@ def test_finetune_runs_evaluates_and_checkpoints(task, extra, synthetic_tasks, t
     assert 0.0 <= val[metric] <= 1.0 and val["val_items"] > 0
     assert (out / "checkpoints" / "latest").read_text() == "step00000012"
     if task == "refcoco":
-        from vlbert_ds.model.tasks import VLBertForReferring
+        from vlbert_ds.model.task_heads import VLBertForReferring
 
         model = VLBertForReferring.from_pretrained(out / "finetuned")
         assert model.config.num_region_classes == 25
@@ -56,6 +56,6 @@ def test_vqa_answers_outside_the_vocabulary_are_counted_and_dropped(synthetic_ta
 
 
 def test_bad_task_config_is_refused_with_a_message(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "vlbert_ds.train.finetune", "--task", "vqa", "task.train="],
+    done = subprocess.run([sys.executable, "-m", "vlbert_ds.cli.finetune", "--task", "vqa", "task.train="],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 2 and "task.train" in done.stderr

@@ -46,11 +46,12 @@ def test_an_installed_package_pretrains_from_outside_the_repo_with_its_shipped_d
     (run / "run.yaml").write_text(
         "model: {bert: default, num_region_classes: 25}\n"
         "data: {prepare_default: data, vl_per_batch: 4, text_per_batch: 4, num_workers: 0, samples_per_epoch: 64}\n"
-        "train: {steps: 2, precision: fp32, output_dir: out, log_every: 1, eval_samples: 8}\n"
+        "train: {steps: 2, precision: fp32, output_dir: out, log_every: 1}\n"
+        "grounding: {samples: 8}\n"
         "checkpoint: {every: 100, export: false}\ntracking: {enabled: false}\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)} | {
         "PYTHONPATH": str(target), "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run([sys.executable, "-m", "vlbert_ds.train.pretrain", "--config", "run.yaml"], cwd=run,
+    done = subprocess.run([sys.executable, "-m", "vlbert_ds.cli.pretrain", "--config", "run.yaml"], cwd=run,
                           env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "finished at step 2" in done.stdout

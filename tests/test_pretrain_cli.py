@@ -9,7 +9,7 @@ import pytest
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vlbert_ds.train.pretrain", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vlbert_ds.cli.pretrain", *args], capture_output=True, text=True,
                           timeout=300, cwd=cwd, env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu",
                                                      "HOME": "/tmp"})
 
@@ -68,7 +68,8 @@ def test_precomputed_mode_on_image_only_shards_names_the_front_end_key(default_d
 def test_a_worker_that_rejects_every_sample_stops_instead_of_spinning(default_data, minilm_folder):
     from vlbert_ds.data import ExampleConfig, LoaderConfig, PretrainStream, SourceSpec, UnusableDataError
     from vlbert_ds.data.examples import make_vl_example
-    from vlbert_ds.data.pipeline import MAX_REJECTED_BEFORE_FIRST, ShardPiece, SkipCounter, read_piece
+    from vlbert_ds.data.pipeline import MAX_REJECTED_BEFORE_FIRST
+    from vlbert_ds.data.streams import ShardPiece, SkipCounter, read_piece
     from vlbert_ds.data.schema import decode_vl
     from vlbert_ds.data.storage import expand_urls
 

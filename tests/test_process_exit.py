@@ -66,7 +66,7 @@ def start_ranks(world: int, args: list[str], tag: str, log_dir: Path, extra_env:
             env.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                         "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         log = open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115
-        procs.append(subprocess.Popen([sys.executable, "-m", "vlbert_ds.train.pretrain", *args], env=env, stdout=log,
+        procs.append(subprocess.Popen([sys.executable, "-m", "vlbert_ds.cli.pretrain", *args], env=env, stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 

@@ -146,7 +146,7 @@ def test_the_readme_vqa_commands_run_as_written_on_s3(s3_env, tmp_path):
     env = {**os.environ, **s3_env.env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
-    done = subprocess.run([sys.executable, "-m", "vlbert_ds.train.finetune", "--task", "vqa",
+    done = subprocess.run([sys.executable, "-m", "vlbert_ds.cli.finetune", "--task", "vqa",
                            "task.train=s3://vlbert-vqa/vqa/train", "task.val=s3://vlbert-vqa/vqa/val",
                            "train.steps=2", "task.batch_size=4", "data.num_workers=1", "train.log_every=0",
                            "train.precision=fp32", f"train.output_dir={out}"],

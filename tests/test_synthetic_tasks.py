@@ -107,7 +107,7 @@ def test_ablation_command_writes_the_table_plot_and_json(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     budget = ["--pretrain-steps", "4", "--finetune-steps", "3", "--train-scenes", "40", "--val-scenes", "16"]
-    command = [sys.executable, "-m", "vlbert_ds.train.finetune", "--task", "all", "--output", str(tmp_path), *budget,
+    command = [sys.executable, "-m", "vlbert_ds.cli.finetune", "--task", "all", "--output", str(tmp_path), *budget,
                "data.num_workers=0", "tracking.enabled=false", "train.precision=fp32"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -12,8 +12,8 @@ import torch
 from conftest import make_vl_batch
 
 from vlbert_ds.model import VLBertConfig, VLBertForPretraining
-from vlbert_ds.model.tasks import TaskBatch, VLBertForMultipleChoice, VLBertForReferring, VLBertForVQA
-from vlbert_ds.prep.tasks import build_answer_vocabulary, normalize_answer, vqa_soft_scores
+from vlbert_ds.model.task_heads import TaskBatch, VLBertForMultipleChoice, VLBertForReferring, VLBertForVQA
+from vlbert_ds.prep.task_converters import build_answer_vocabulary, normalize_answer, vqa_soft_scores
 
 
 def _config(**extra) -> VLBertConfig:
@@ -143,7 +143,7 @@ def _frcnn(folder, image_id: str, boxes, width=200, height=100, dim=8) -> None:
 
 def _read(folder, task, answers=(), mode="q2a"):
     from vlbert_ds.bundled import default_bert
-    from vlbert_ds.data.tasks import TaskDataConfig, TaskStream
+    from vlbert_ds.data.task_batches import TaskDataConfig, TaskStream
 
     config = TaskDataConfig(task=task, tokenizer=default_bert(), answers=list(answers), batch_size=100,
                             num_workers=0, vcr_mode=mode, train=True)
@@ -222,7 +222,7 @@ def test_vcr_converter_grounds_tags_and_refuses_bad_items(tmp_path):
     assert casey == [1, 1]  # "person" 0 is rendered as a neutral name, grounded on RoI 1 (RoI 0 = image)
     assert task.batch.token_type_ids[0][task.batch.text_mask[0]].tolist()[-1] == 1  # the answer is segment B
 
-    from vlbert_ds.data.tasks import COCO_CLASSES, TaskDataConfig, TaskStream
+    from vlbert_ds.data.task_batches import COCO_CLASSES, TaskDataConfig, TaskStream
 
     config = TaskDataConfig(task="vcr", tokenizer=default_bert(), object_classes=list(COCO_CLASSES), num_workers=0)
     (item,) = list(TaskStream(str(out), config, loop=False))
@@ -236,7 +236,7 @@ def test_vcr_converter_grounds_tags_and_refuses_bad_items(tmp_path):
 
 
 def test_vcr_wrong_choice_count_names_the_item(tmp_path, capsys):
-    from vlbert_ds.prep.tasks import vcr_rows
+    from vlbert_ds.prep.task_converters import vcr_rows
 
     (tmp_path / "bad.jsonl").write_text(json.dumps(_vcr_item("val-7", answers=3)) + "\n")
     with pytest.raises(ValueError, match=r"val-7.*3 choices"):
@@ -250,7 +250,7 @@ def test_vcr_wrong_choice_count_names_the_item(tmp_path, capsys):
 
 def test_refcoco_converter_labels_boxes_by_iou_and_names_missing_annotations(tmp_path):
     from vlbert_ds.prep.cli import main
-    from vlbert_ds.prep.tasks import refcoco_rows
+    from vlbert_ds.prep.task_converters import refcoco_rows
 
     instances = {"images": [{"id": 5, "width": 200, "height": 100}],
                  "annotations": [{"id": 50, "image_id": 5, "bbox": [10, 10, 40, 60], "category_id": 1},

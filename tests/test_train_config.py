@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -46,16 +47,23 @@ def test_bad_config_is_rejected_before_work(override, message):
 def test_ds_config_filled_from_run_config_and_contradictions_refused():
     config = load_config(None, ["data.vl_sources=[x]", "data.vl_per_batch=6", "data.text_per_batch=2",
                                 "train.grad_accum=3", "train.precision=bf16", "optimizer.grad_clip=1.5"])
-    ds = build_ds_config(config, world_size=4, template=read_ds_config("ds_configs/zero2.json"))
+    from vlbert_ds.train.pretrain import PretrainRecipe
+
+    micro = PretrainRecipe(config).micro_batch_size()  # the rows of one micro-batch, from the data section
+
+    def build_ds_config_of(template):
+        return build_ds_config(config.train, config.optimizer, micro, 4, template)
+
+    ds = build_ds_config_of(read_ds_config("ds_configs/zero2.json"))
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 8 * 3 * 4 and ds["gradient_clipping"] == 1.5
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
-        build_ds_config(config, 4, {"train_micro_batch_size_per_gpu": 16})
+        build_ds_config_of({"train_micro_batch_size_per_gpu": 16})
     with pytest.raises(ValueError, match=r"fp16\.enabled"):
-        build_ds_config(config, 4, {"fp16": {"enabled": True}})
+        build_ds_config_of({"fp16": {"enabled": True}})
     with pytest.raises(ValueError, match="optimizer"):
-        build_ds_config(config, 4, {"optimizer": {"type": "Adam"}})
+        build_ds_config_of({"optimizer": {"type": "Adam"}})
     for name in ("zero1", "zero2", "zero3", "zero2_offload"):
         assert "zero_optimization" in json.loads(Path(f"ds_configs/{name}.json").read_text())
 
@@ -103,20 +111,71 @@ def test_output_folders_must_be_paths_not_urls():
 
 
 def test_closed_choices_are_checked_at_load_naming_the_allowed_values(capsys):
-    from vlbert_ds.train.pretrain import main
+    from vlbert_ds.cli.pretrain import main
 
     for override, allowed in (("data.mode=exactly", "'resampled', 'exact'"),
                               ("train.precision=fp8", "'bf16', 'fp16', 'fp32'"),
                               ("optimizer.schedule=cosine", "'linear', 'constant'"),
-                              ("model.visual_front_end=e2e", "'precomputed', 'end_to_end'"),
-                              ("task.vcr_mode=a2q", "'q2a', 'qa2r'")):
+                              ("model.visual_front_end=e2e", "'precomputed', 'end_to_end'")):
         assert main(["--print-config", override, "data.prepare_default=data/x"]) == 2
         section_key = override.split("=")[0]
         assert f"{section_key} must be one of {allowed}" in capsys.readouterr().err
+    from vlbert_ds.cli.finetune import main as finetune_main
+
+    for override, allowed in (("task.vcr_mode=a2q", "'q2a', 'qa2r'"),
+                              ("task.object_classes=lvis", "'auto', 'coco', 'none', 'file'")):
+        assert finetune_main(["--task", "vcr", "--print-config", override, "task.train=t"]) == 2
+        assert f"{override.split('=')[0]} must be one of {allowed}" in capsys.readouterr().err
+
+
+def test_a_key_of_the_other_command_is_an_error_naming_that_command(capsys):
+    from vlbert_ds.cli.finetune import main as finetune_main
+    from vlbert_ds.cli.pretrain import main as pretrain_main
+
+    for key in ("task.train=x", "task.vcr_mode=qa2r"):
+        assert pretrain_main(["--print-config", "data.prepare_default=d", key]) == 2
+        assert "is for vlbert-finetune; vlbert-pretrain does not take it" in capsys.readouterr().err
+    for key, name in (("data.vl_sources=[x]", "data.vl_sources"), ("grounding.samples=3", "grounding"),
+                      ("model.visual_front_end=end_to_end", "model.visual_front_end")):
+        assert finetune_main(["--task", "vqa", "--print-config", "task.train=t", key]) == 2
+        err = capsys.readouterr().err
+        assert name in err and "vlbert-pretrain" in err and "vlbert-finetune does not take it" in err
+    assert pretrain_main(["--print-config", "data.prepare_default=d", "data.no_such_key=1"]) == 2
+    assert "unknown key data.no_such_key" in capsys.readouterr().err
+
+
+def test_help_lists_every_config_key_with_type_default_and_help(capsys):
+    import dataclasses
+    import typing
+
+    from vlbert_ds.cli.finetune import main as finetune_main
+    from vlbert_ds.cli.pretrain import main as pretrain_main
+    from vlbert_ds.train.config import FinetuneConfig, PretrainConfig
+
+    for main, kind in ((pretrain_main, PretrainConfig), (finetune_main, FinetuneConfig)):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = capsys.readouterr().out
+        defaults = kind()
+        for section in dataclasses.fields(kind):
+            for key in dataclasses.fields(typing.get_type_hints(kind)[section.name]):
+                value = getattr(getattr(defaults, section.name), key.name)
+                line = next(x for x in text.splitlines() if x.strip().startswith(f"{section.name}.{key.name} ("))
+                assert f"default {json.dumps(value)}" in line
+                assert key.metadata["help"] and key.metadata["help"] in text
+        if kind is PretrainConfig:  # a Literal shows its choices
+            assert 'data.mode (resampled|exact, default "resampled")' in text
+
+
+def test_the_resolved_config_is_frozen():
+    config = load_config(None, ["data.prepare_default=data/d"])
+    assert config.data.vl_sources == ["data/d/vl/train"] and config.grounding.data == "data/d/vl/val"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.data.vl_per_batch = 3
 
 
 def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
-    from vlbert_ds.train.pretrain import main
+    from vlbert_ds.cli.pretrain import main
 
     (tmp_path / "run.yaml").write_text("data: {prepare_default: data/d, mode: exact}\ntrain: {steps: 7}\n")
     assert main(["--config", str(tmp_path / "run.yaml"), "--print-config", "train.steps=9",
@@ -128,7 +187,7 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
 
 
 def test_finetune_print_config_resolves_the_task(capsys):
-    from vlbert_ds.train.finetune import main
+    from vlbert_ds.cli.finetune import main
 
     assert main(["--task", "vcr", "--print-config", "task.train=data/vcr/train", "task.vcr_mode=qa2r"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

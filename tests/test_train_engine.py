@@ -117,7 +117,7 @@ def test_short_pretraining_learns_to_use_the_image(tmp_path):
     report, _ = run_ranks({"config": "configs/default.yaml",
                            "overrides": ["train.steps=200", "checkpoint.every=1000", "checkpoint.export=false",
                                          "tracking.enabled=false", f"train.output_dir={tmp_path / 'ground'}",
-                                         f"data.prepare_default={tmp_path / 'data'}", "train.eval_samples=300"]},
+                                         f"data.prepare_default={tmp_path / 'data'}", "grounding.samples=300"]},
                               2, tmp_path, timeout=900)
     final = report["final"]
     with_image, withheld = final["grounded_mlm_acc_with_image"], final["grounded_mlm_acc_image_withheld"]

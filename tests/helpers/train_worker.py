@@ -33,6 +33,7 @@ def main() -> None:
     from vlbert_ds.bundled import default_bert
     from vlbert_ds.train.config import load_config
     from vlbert_ds.train.distributed import discover, exit_fast_on_error, init_distributed
+    from vlbert_ds.cli.pretrain import pretrain
     from vlbert_ds.train.pretrain import run
 
     dist = discover()
@@ -43,7 +44,7 @@ def main() -> None:
         every = fixed_batches(spec["batches"], spec["num_batches"], default_bert())
         batches = iter(every[dist.rank :: dist.world_size])
     with exit_fast_on_error(dist):
-        result = run(config, dist, batches=batches)
+        result = run(config, dist, batches=batches) if batches is not None else pretrain(config, dist)
     if dist.is_main:
         report = {"step_losses": result.step_losses, "final": result.final_metrics, "export_dir": result.export_dir,
                   "run_id": result.run_id, "tracking_uri": result.tracking_uri}

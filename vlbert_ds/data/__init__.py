@@ -9,7 +9,9 @@ from vlbert_ds.data.pipeline import (
     SourceSpec,
     UnusableDataError,
     build_loader,
+    pretrain_loader,
 )
+from vlbert_ds.data.streams import ResumableLoader, ShardStream
 
 __all__ = [
     "ExampleConfig",
@@ -17,9 +19,12 @@ __all__ = [
     "LoaderConfig",
     "MaskingConfig",
     "PretrainStream",
+    "ResumableLoader",
+    "ShardStream",
     "SourceSpec",
     "TokenizerTools",
     "UnusableDataError",
     "build_loader",
     "collate",
+    "pretrain_loader",
 ]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlbert_ds.data.boxes import with_image_roi
 from vlbert_ds.data.masking import IGNORE, MaskingConfig, mask_regions, mask_words, truncation_lengths
 from vlbert_ds.data.schema import SampleError, TextRecord, VLRecord
 from vlbert_ds.model.inputs import VLBatch
@@ -131,10 +132,8 @@ def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConf
     text = np.concatenate(([tools.cls_id], masked, [tools.sep_id]))
     text_labels = np.concatenate(([IGNORE], labels, [IGNORE]))
 
-    boxes = record.boxes.copy()
-    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width - 1)
-    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height - 1)
-    num_boxes = boxes.shape[0]
+    all_boxes = with_image_roi(record.boxes, width, height)
+    num_boxes = all_boxes.shape[0] - 1
     scores = record.scores
     if scores is not None and scores.shape[1] > config.num_region_classes:
         raise SampleError("too_many_classes", f"{scores.shape[1]} > num_region_classes {config.num_region_classes}")
@@ -145,7 +144,6 @@ def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConf
     else:  # no class scores: nothing to predict, so nothing is hidden either
         selected = hidden = np.zeros(num_boxes, dtype=bool)
 
-    all_boxes = np.concatenate(([[0.0, 0.0, width - 1, height - 1]], boxes)).astype(np.float32)
     hidden_all = np.concatenate(([False], hidden))
     selected_all = np.concatenate(([False], selected))
     features = whole = None

@@ -24,16 +24,13 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
-import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
+from torch.utils.data import DataLoader, get_worker_info
 
 from vlbert_ds.data import storage
 from vlbert_ds.data.examples import (
@@ -47,12 +44,18 @@ from vlbert_ds.data.examples import (
     sample_rng,
 )
 from vlbert_ds.data.schema import SampleError, decode_text, decode_vl
-from vlbert_ds.data.tarstream import iter_members
-from vlbert_ds.lifecycle import die_with_parent, stop_children_at_exit
+from vlbert_ds.data.streams import (
+    ResumableLoader,
+    ShardPiece,
+    ShardStream,
+    SkipCounter,
+    read_piece,
+    shuffled,
+    worker_loader,
+)
 from vlbert_ds.model.inputs import VLBatch
 
 log = logging.getLogger(__name__)
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
 # Start-up check: this many samples of each source are decoded before training; a worker that has
 # rejected this many samples without one usable stops the run (a source whose samples are all rejected
@@ -123,16 +126,6 @@ class LoaderConfig:
             raise ValueError("resampled mode needs data.samples_per_epoch (the virtual epoch length)")
         if self.mode == "exact" and len(self.vl_sources) != 1:
             raise ValueError("exact mode reads one vision-language source (weights need resampled mode)")
-
-
-@dataclass(frozen=True)
-class ShardPiece:
-    """A shard, or every `stride`-th sample of it starting at `offset`."""
-
-    url: str
-    count: int
-    stride: int = 1
-    offset: int = 0
 
 
 @dataclass
@@ -216,82 +209,22 @@ def worker_skip_counts(worker_batches: list[int], consumed: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- reading
-class SkipCounter(Counter):
-    def take(self) -> dict[str, int]:
-        out = dict(self)
-        self.clear()
-        return out
-
-
-def _group_samples(stream, url: str, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Tar members -> samples grouped by key; unsafe names refused; a broken tar ends the shard."""
-    current: dict[str, Any] | None = None
-    try:
-        for name, data in iter_members(stream):
-            if name.startswith("/") or ".." in name.split("/") or not _SAFE_NAME.match(name):
-                skipped["unsafe_member_name"] += 1
-                continue
-            prefix, suffix = base_plus_ext(name)
-            if prefix is None:
-                continue
-            if current is not None and current["__key__"] != prefix:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": prefix, "__url__": url}
-            if suffix in current:
-                skipped["duplicate_member"] += 1
-                continue
-            current[suffix] = data
-    except Exception as err:  # truncated or corrupt tar: keep what was read, drop the partial sample
-        skipped["broken_shard"] += 1
-        log.warning("shard %s broke off (%s: %s); continuing with the next", url, type(err).__name__, err)
-        current = None
-    if current is not None:
-        yield current
-
-
-def read_piece(piece: ShardPiece, config: LoaderConfig, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
-    try:
-        stream = storage.ResumableReader(piece.url, config.shard_open_attempts, config.shard_retry_delay,
-                                         on_retry=lambda url, err: skipped.update(["shard_read_retry"]))
-    except Exception as err:
-        skipped["shard_unreadable"] += 1
-        log.error("skipping shard %s after %d attempts: %s", piece.url, config.shard_open_attempts, err)
-        return
-    with stream:
-        for index, sample in enumerate(_group_samples(stream, piece.url, skipped)):
-            if index % piece.stride == piece.offset:
-                yield sample
-
-
-def shuffled(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-    """A shuffle buffer over undecoded samples (bytes stay small; decoding happens after)."""
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[dict[str, Any]] = []
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) >= size:
-            index = rng.randrange(len(buffer))
-            buffer[index], buffer[-1] = buffer[-1], buffer[index]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 # ----------------------------------------------------------------------------- the dataset
-class PretrainStream(IterableDataset):
-    """Yields `LoaderBatch`es for one rank; use with `DataLoader(batch_size=None)` (see `build_loader`)."""
+class PretrainStream(ShardStream):
+    """Yields `LoaderBatch`es for one rank; iterate it with `ResumableLoader` (see `build_loader`).
+
+    Its position is (epoch, batches of the epoch this rank has used). Resumed at another world size,
+    the exact position does not carry over (the epoch's plan depends on the ranks): it starts the
+    next epoch.
+    """
 
     def __init__(self, config: LoaderConfig, rank: int = 0, world_size: int = 1, check_sources: bool = True) -> None:
-        super().__init__()
+        super().__init__(rank, world_size, config.num_workers)
         config.validate()
         self.config = config
-        self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.consumed = 0  # batches of this epoch already used (resume)
+        self.consumed = 0  # where the workers start: batches of this epoch already used (resume)
+        self.position = (0, 0)  # (epoch, consumed) after the last batch handed to the trainer
         self.vl_urls = [storage.expand_urls(s.urls) for s in config.vl_sources]
         self.text_urls = [storage.expand_urls(s.urls) for s in config.text_sources]
         for spec, urls in zip(config.vl_sources + config.text_sources, self.vl_urls + self.text_urls, strict=True):
@@ -299,7 +232,6 @@ class PretrainStream(IterableDataset):
                 raise ValueError(f"data source {spec.urls!r} matches no shard"
                                  + (f" ({urls[0]} does not exist)" if urls else ""))
         self.sizes = storage.read_sizes(self.vl_urls[0]) if config.mode == "exact" else {}
-        self.num_workers = max(1, config.num_workers)
         self.worker_batches = self._worker_batches()
         if check_sources:  # a training loop that already checked them skips this at every epoch
             self.check_sources()
@@ -320,6 +252,25 @@ class PretrainStream(IterableDataset):
         self.worker_batches = self._worker_batches()
         worker_skip_counts(self.worker_batches, consumed_batches)  # validates the position
         self.consumed = consumed_batches
+        self.position = (epoch, consumed_batches)
+
+    # --- the position (ShardStream)
+    def next_epoch(self) -> None:
+        self.set_epoch(self.position[0] + 1, 0)
+
+    def advance(self, item: LoaderBatch) -> None:
+        self.position = (self.position[0], self.position[1] + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.position[0], "consumed": self.position[1], "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, consumed = int(state.get("epoch", 0)), int(state.get("consumed", 0))
+        if state.get("world_size", self.world_size) != self.world_size:
+            log.warning("data position saved with %s ranks, resumed with %d: starting epoch %d afresh",
+                        state["world_size"], self.world_size, epoch + 1)
+            epoch, consumed = epoch + 1, 0
+        self.set_epoch(epoch, consumed)
 
     def __len__(self) -> int:
         return sum(self.worker_batches) - self.consumed
@@ -473,35 +424,15 @@ class PretrainStream(IterableDataset):
                               index=index)
 
 
-def _identity(item: Any) -> Any:
-    return item
-
-
 def build_loader(config: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: int = 0,
                  consumed_batches: int = 0, check_sources: bool = True) -> tuple[PretrainStream, DataLoader]:
-    """The stream for this rank and a DataLoader over it (workers batch and collate; no re-batching)."""
+    """One epoch of this rank's stream from a position, through a worker DataLoader (workers batch and collate)."""
     stream = PretrainStream(config, rank, world_size, check_sources)
     stream.set_epoch(epoch, consumed_batches)
     return stream, worker_loader(stream, config.num_workers)
 
 
-def worker_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
-    """A DataLoader over a stream that yields whole batches, with workers that end with the trainer."""
-    if num_workers:
-        stop_children_at_exit()
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                      worker_init_fn=init_worker)
-def init_worker(worker_id: int) -> None:
-    """Workers die with the trainer and ignore SIGTERM/SIGUSR1: the training process decides when to stop.
-
-    Slurm signals every process of a task. PyTorch's workers die on SIGTERM, and the training process
-    then fails with "DataLoader worker is killed by signal" before it can save its checkpoint. Since a
-    worker then cannot be ended with SIGTERM, it ends on the loader's shutdown sentinel, on the kernel's
-    SIGKILL when the trainer dies (`die_with_parent`, however it dies), or on the trainer's exit handler
-    (`stop_children_at_exit`), which SIGKILLs workers that are still running when the trainer exits.
-    """
-    die_with_parent()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
+def pretrain_loader(config: LoaderConfig, rank: int = 0, world_size: int = 1,
+                    check_sources: bool = True) -> ResumableLoader:
+    """What the trainer iterates: epoch after epoch, its position in `state_dict()`."""
+    return ResumableLoader(PretrainStream(config, rank, world_size, check_sources))

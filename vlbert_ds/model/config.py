@@ -80,7 +80,7 @@ class VLBertConfig:
     # --- heads ---
     num_region_classes: int = 1601
     with_pooler: bool = False
-    # Fine-tuning heads (vlbert_ds.model.tasks): size of the VQA answer vocabulary (0 = no VQA head).
+    # Fine-tuning heads (vlbert_ds.model.task_heads): size of the VQA answer vocabulary (0 = no VQA head).
     num_answers: int = 0
     # VCR's auxiliary RoI classification over the object outputs (81 COCO classes in the official
     # code, `ENABLE_CNN_REG_LOSS`); 0 = off.

@@ -31,3 +31,12 @@ def box_geometry_embedding(
     angles = position.unsqueeze(-1) / freqs  # (…, 4, wave_dim)
     embedding = torch.cat((angles.sin(), angles.cos()), dim=-1)  # (…, 4, 2 * wave_dim)
     return embedding.flatten(-2)
+
+
+def box_iou_pixels(boxes: Tensor, others: Tensor) -> Tensor:
+    """IoU [N, M] of pixel-inclusive boxes (x1..x2 covers x2 - x1 + 1 pixels), as Caffe and the official
+    code count them; the one IoU of the package (task labels, the RefCOCO+ metric, Caffe NMS agree)."""
+    from torchvision.ops import box_iou
+
+    shift = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device)
+    return box_iou(boxes.float() + shift, others.float().to(boxes.device) + shift)

@@ -207,6 +207,12 @@ class PretrainingOutput:
     losses: dict[str, Tensor]  # mlm_vl, mlm_text, mrc (and sirp when on), each a scalar
     metrics: dict[str, Tensor] = field(default_factory=dict)  # accuracies and counts, detached
 
+    def weighted_metrics(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """name -> (mean, weight): each `X_acc` weighted by its `X_count` (1 when it has none)."""
+        one = torch.ones(())
+        return {name: (value, self.metrics.get(name[: -len("_acc")] + "_count", one))
+                for name, value in self.metrics.items() if name.endswith("_acc")}
+
 
 class VLBertForPretraining(_Pretrained):
     """VL-BERT pretraining: MLM with visual clues, MLM on text-only rows, masked RoI classification.

@@ -183,17 +183,17 @@ def train_detector(args: argparse.Namespace) -> int:
 
 
 def run_task(args: argparse.Namespace) -> list[PrepSummary]:
-    from vlbert_ds.prep import tasks
+    from vlbert_ds.prep import task_converters as converters
 
     if args.command == "vqa":
-        rows = tasks.vqa_rows(args.questions, args.annotations)
+        rows = converters.vqa_rows(args.questions, args.annotations)
         if args.build_vocabulary:
             if not args.annotations:
                 raise ValueError("--build-vocabulary needs --annotations")
-            annotations = tasks.read_json(args.annotations)["annotations"]
-            vocabulary = tasks.build_answer_vocabulary(annotations, args.min_answer_count, args.max_answers)
+            annotations = converters.read_json(args.annotations)["annotations"]
+            vocabulary = converters.build_answer_vocabulary(annotations, args.min_answer_count, args.max_answers)
             if not vocabulary:
-                top = tasks.most_common_answer(annotations)
+                top = converters.most_common_answer(annotations)
                 raise ValueError(f"--build-vocabulary: no answer of {args.annotations} is given at least "
                                  f"--min-answer-count={args.min_answer_count} times"
                                  + (f" (the most frequent, {top[0]!r}, is given {top[1]} times)" if top else
@@ -202,12 +202,12 @@ def run_task(args: argparse.Namespace) -> list[PrepSummary]:
             storage.write_json_atomic(storage.join(args.out, "answers.json"), vocabulary)
             print(f"answer vocabulary: {len(vocabulary)} answers -> {storage.join(args.out, 'answers.json')}")
     elif args.command == "vcr":
-        rows = tasks.vcr_rows(args.annotations, args.metadata_root)
+        rows = converters.vcr_rows(args.annotations, args.metadata_root)
     else:
-        rows = tasks.refcoco_rows(args.refs, args.instances, args.split)
+        rows = converters.refcoco_rows(args.refs, args.instances, args.split)
         if not rows:
             raise ValueError(f"no RefCOCO+ references in split {args.split!r}")
-    maker = tasks.TaskRowMaker(args.command, args.regions)
+    maker = converters.TaskRowMaker(args.command, args.regions)
     return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, args.command,
                           args.processes, args.overwrite, args.skipped_log)]
 

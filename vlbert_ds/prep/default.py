@@ -35,6 +35,8 @@ from vlbert_ds.prep.writer import PrepSummary, chunk, write_dataset
 COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
            "purple": (140, 60, 180), "orange": (240, 130, 30)}
 SHAPES = ("circle", "square", "triangle", "diamond")
+# The caption words the image decides (colour, shape, relation): what the grounding check masks.
+GROUNDING_WORDS = frozenset([*COLOURS, *SHAPES, "left", "right", "above", "below"])
 COLOUR_NAMES = tuple(COLOURS)
 NUM_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # class 0 = background
 FEATURE_DIM = 2048
@@ -220,3 +222,14 @@ def prepare_default(out: str, tokenizer: str, num_images: int = 3000, num_val_im
                               {"num_classes": NUM_CLASSES, "names": class_names(), "source": "vlbert-prep default",
                                "seed": seed, "image_size": [width, height]})
     return summaries
+
+
+def ensure_default(out: str, tokenizer: str, processes: int = 2) -> bool:
+    """Prepare the embedded default into `out` unless it is there (its text split is written last);
+    prints the tables. Returns whether it wrote anything."""
+    if storage.exists(storage.join(out, "text/train/sizes.json")):
+        return False
+    print(f"preparing the embedded default data in {out} ...", flush=True)
+    for summary in prepare_default(out, tokenizer, processes=processes):
+        print(summary.table(), flush=True)
+    return True

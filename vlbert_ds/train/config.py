@@ -1,8 +1,12 @@
-"""The run configuration: typed dataclasses, loaded from YAML or TOML, with `section.key=value` overrides.
+"""Run configurations: typed, frozen dataclasses loaded from YAML or TOML with `section.key=value` overrides.
 
-Unknown keys and values of the wrong type are errors before any work starts; the resolved config
-is printed and logged to MLflow. Credentials never live here: object storage and tracking servers
-take theirs from the environment (`AWS_*`, `MLFLOW_TRACKING_TOKEN`, ...).
+One dataclass per component (model, data, optimizer, the loop, grounding check, checkpoint, tracking,
+the fine-tuning task); `PretrainConfig` and `FinetuneConfig` each hold the sections their command
+reads, so a key of the other command is an error naming that command. Unknown keys, wrong types and
+values outside a `Literal` choice are errors before any work starts. The config is resolved once at
+load (defaults that follow from other keys filled in) and never changes afterwards. Credentials
+never live here: object storage and tracking servers take theirs from the environment (`AWS_*`,
+`MLFLOW_TRACKING_TOKEN`, ...).
 """
 
 from __future__ import annotations
@@ -15,158 +19,165 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 
-@dataclass
+def option(default: Any, help: str) -> Any:
+    """A config field with its one line of `--help` (lists and dicts are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
 class ModelSection:
-    # A Hugging Face BERT folder to initialise the text side from ("default" = the bundled MiniLM),
-    # or empty to build `preset` from scratch.
-    bert: str = "default"
-    preset: str = "mini"
-    visual_front_end: Literal["precomputed", "end_to_end"] = "precomputed"
-    num_region_classes: int = 1601
-    # Any other VLBertConfig field, e.g. {"hidden_dropout_prob": 0.1}.
-    overrides: dict[str, Any] = field(default_factory=dict)
-    # Continue from our own save_pretrained folder instead (e.g. an exported checkpoint).
-    init_from: str = ""
+    bert: str = option("default", "Hugging Face BERT folder for the text side ('default' = the bundled MiniLM; "
+                                  "'' = build `preset` from scratch)")
+    preset: str = option("mini", "VLBertConfig preset when model.bert is '' (tiny, mini, base, large)")
+    visual_front_end: Literal["precomputed", "end_to_end"] = option(
+        "precomputed", "region features from the shards, or the ResNet front end on the shards' images")
+    num_region_classes: int = option(1601, "classes of the masked-RoI targets (1601 for bottom-up-attention)")
+    overrides: dict[str, Any] = option({}, "any other VLBertConfig field, e.g. {hidden_dropout_prob: 0.1}")
+    init_from: str = option("", "continue from our own save_pretrained folder instead (an exported run)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSection:
-    vl_sources: list[str] = field(default_factory=list)  # shard specs; see vlbert_ds.data.storage.expand_urls
-    vl_weights: list[float] = field(default_factory=list)  # per source, resampled mode only (default: equal)
-    text_sources: list[str] = field(default_factory=list)
-    text_weights: list[float] = field(default_factory=list)
-    tokenizer: str = "default"
-    mode: Literal["resampled", "exact"] = "resampled"
-    samples_per_epoch: int = 0  # resampled mode: vision-language samples per (virtual) epoch, all ranks
-    vl_per_batch: int = 16  # per rank, per micro-batch
-    text_per_batch: int = 16  # per rank, per micro-batch (1:1 as the paper)
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    max_elements: int = 64
-    text_segment_len: int = 64
-    # Prepare the embedded default into this folder if it holds no data yet ("" = never).
-    prepare_default: str = ""
+    vl_sources: list[str] = option([], "image-caption shard specs (folder, brace pattern, glob, '::' list; "
+                                       "any fsspec URL)")
+    vl_weights: list[float] = option([], "sampling weight per vl source (resampled mode; default equal)")
+    text_sources: list[str] = option([], "text-only shard specs")
+    text_weights: list[float] = option([], "sampling weight per text source")
+    tokenizer: str = option("default", "tokenizer folder ('default' = the bundled MiniLM's)")
+    mode: Literal["resampled", "exact"] = option(
+        "resampled", "resampled: shards drawn by weight, epochs of samples_per_epoch; exact: every sample once")
+    samples_per_epoch: int = option(0, "resampled mode: vision-language samples per (virtual) epoch, all ranks")
+    vl_per_batch: int = option(16, "vision-language rows per rank per micro-batch")
+    text_per_batch: int = option(16, "text-only rows per rank per micro-batch (1:1 as the paper)")
+    num_workers: int = option(2, "DataLoader worker processes per rank")
+    shuffle_buffer: int = option(1000, "samples in each worker's shuffle buffer")
+    max_elements: int = option(64, "text tokens + RoIs per row (the official SEQ_LEN)")
+    text_segment_len: int = option(64, "tokens per text-only row")
+    prepare_default: str = option("", "prepare the embedded default into this folder if it holds none, and "
+                                      "read it when the sources are empty ('' = never)")
 
 
-@dataclass
+@dataclass(frozen=True)
+class TaskDataSection:
+    """What fine-tuning reads of `data`: the task's shards are named in `task`."""
+
+    tokenizer: str = option("default", "tokenizer folder ('default' = the bundled MiniLM's)")
+    num_workers: int = option(2, "DataLoader worker processes per rank")
+    shuffle_buffer: int = option(1000, "samples in each worker's shuffle buffer")
+
+
+@dataclass(frozen=True)
 class OptimizerSection:
-    lr: float = 1e-4  # the real learning rate (not per sample)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-6
-    weight_decay: float = 1e-4
-    # The official code decays every parameter; BERT practice (default here) spares LayerNorm and biases.
-    decay_norm_and_bias: bool = False
-    # LR multiplier for parameters that start fresh (not loaded from the BERT checkpoint): the visual
-    # side, VL-BERT's new embeddings, heads the checkpoint lacks. The visual LayerNorm gains start at 0
-    # (as the reference), and under Adam a gain moves about `lr` per step: short runs need this > 1.
-    fresh_lr_multiplier: float = 1.0
-    warmup_steps: int = 100
-    schedule: Literal["linear", "constant"] = "linear"  # warm-up then linear decay to 0 at train.steps
-    grad_clip: float = 10.0
+    lr: float = option(1e-4, "peak learning rate (not per sample)")
+    betas: list[float] = option([0.9, 0.999], "AdamW betas")
+    eps: float = option(1e-6, "AdamW epsilon")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    decay_norm_and_bias: bool = option(False, "decay LayerNorm and bias parameters too (the official code does)")
+    # The visual LayerNorm gains start at 0 (as the reference), and under Adam a gain moves about `lr`
+    # per step: short runs need this > 1.
+    fresh_lr_multiplier: float = option(1.0, "LR multiplier for parameters the BERT checkpoint lacks "
+                                             "(visual side, new embeddings, heads)")
+    warmup_steps: int = option(100, "linear warm-up steps")
+    schedule: Literal["linear", "constant"] = option("linear", "after warm-up: linear decay to 0, or constant")
+    grad_clip: float = option(10.0, "global gradient-norm clip")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSection:
-    steps: int = 1000  # optimizer steps
-    grad_accum: int = 1
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    ds_config: str = "ds_configs/zero2.json"
-    seed: int = 12345
-    log_every: int = 10
-    eval_every: int = 0  # visual-grounding evaluation every N steps (0 = at the end only)
-    eval_samples: int = 200
-    # Held-out default-scene shards for the grounding check, e.g. the default scenes prepared with a
-    # detector's regions (default: <data.prepare_default>/vl/val; "" and no prepare_default = no check).
-    grounding_data: str = ""
-    output_dir: str = "runs/default"
-    dist_timeout_s: float = 600.0  # a collective waiting on a dead rank fails after this long
+    steps: int = option(1000, "optimizer steps")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    precision: Literal["bf16", "fp16", "fp32"] = option("bf16", "training precision (fp16 needs a GPU)")
+    ds_config: str = option("ds_configs/zero2.json", "DeepSpeed JSON (ZeRO stage, buckets, offload); "
+                                                     "ds_configs/* are shipped with the package")
+    seed: int = option(12345, "seed of the model, masking and data order")
+    log_every: int = option(10, "console line every N steps when there is no progress bar (0 = never)")
+    output_dir: str = option("runs/default", "run folder: resolved config, metrics.jsonl, plots, exports")
+    dist_timeout_s: float = option(600.0, "a collective waiting on a dead rank fails after this long")
 
 
-@dataclass
+@dataclass(frozen=True)
+class GroundingSection:
+    """The visual-grounding check on held-out default scenes (masked colour/shape/relation words)."""
+
+    data: str = option("", "held-out default-scene shards (default: <data.prepare_default>/vl/val; "
+                           "'' and no prepare_default = no check)")
+    every: int = option(0, "evaluate every N steps (0 = at the end only)")
+    samples: int = option(200, "held-out captions evaluated")
+
+
+@dataclass(frozen=True)
 class CheckpointSection:
-    dir: str = ""  # default: <output_dir>/checkpoints
-    every: int = 200  # steps
-    keep: int = 2
-    resume: bool = True  # continue from <dir>/latest when it exists
-    export: bool = True  # write consolidated save_pretrained weights at the end
-    load_universal: bool = False  # resume from a DeepSpeed universal checkpoint (another world size)
+    dir: str = option("", "checkpoint folder (default: <train.output_dir>/checkpoints)")
+    every: int = option(200, "steps between checkpoints")
+    keep: int = option(2, "checkpoints kept")
+    resume: bool = option(True, "continue from <dir>/latest when it exists")
+    export: bool = option(True, "write consolidated save_pretrained weights at the end")
+    load_universal: bool = option(False, "resume from a DeepSpeed universal checkpoint (another world size)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingSection:
-    enabled: bool = True
-    uri: str = ""  # default: $MLFLOW_TRACKING_URI, else a local sqlite store under output_dir
-    experiment: str = "vlbert_ds-pretrain"
-    run_name: str = ""
+    enabled: bool = option(True, "log to MLflow (rank 0)")
+    uri: str = option("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under output_dir)")
+    experiment: str = option("vlbert_ds-pretrain", "MLflow experiment")
+    run_name: str = option("", "MLflow run name")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskSection:
-    """Fine-tuning only (`vlbert-finetune`); pretraining ignores it."""
+    name: Literal["vqa", "vcr", "refcoco"] = option("vqa", "the task (set by vlbert-finetune --task)")
+    train: str = option("", "the task's training shards (kind vqa/vcr/refcoco, docs/shard-format.md)")
+    val: str = option("", "validation shards ('' = no validation)")
+    init: str = option("", "pretraining save_pretrained folder (--init); '' = BERT-only start (model.bert)")
+    answers: str = option("", "VQA: JSON list of answers (default: answers.json in the train folder)")
+    vcr_mode: Literal["q2a", "qa2r"] = option("q2a", "VCR: question->answer or question+answer->rationale")
+    object_classes: Literal["auto", "coco", "none", "file"] = option(
+        "auto", "VCR auxiliary RoI classes: auto (object_classes.json in the train folder, else COCO's 81), "
+                "coco, none (off), file (task.object_classes_file)")
+    object_classes_file: str = option("", "with object_classes=file: JSON list of class names, background first")
+    batch_size: int = option(16, "items per rank per micro-batch (VCR: each item is one row per choice)")
+    max_text: int = option(64, "text tokens per row")
+    eval_every: int = option(0, "validate every N steps (0 = at the end only)")
 
-    name: Literal["", "vqa", "vcr", "refcoco"] = ""
-    train: str = ""  # task shard spec (see docs/shard-format.md, kinds vqa/vcr/refcoco)
-    val: str = ""
-    init: str = ""  # a pretraining save_pretrained folder; "" = BERT-only initialisation (model.bert)
-    answers: str = ""  # VQA: JSON list of answers (default: answers.json in the train folder, as vlbert-prep writes it)
-    vcr_mode: Literal["q2a", "qa2r"] = "q2a"
-    # VCR auxiliary RoI classes: "auto" = object_classes.json in the train folder if there, else the
-    # 81 COCO classes (official); "coco"; "none" (off); or a JSON list file (index 0 = background).
-    object_classes: str = "auto"
-    batch_size: int = 16  # items per rank per micro-batch (VCR: each item is one row per choice)
-    max_text: int = 64
-    eval_every: int = 0  # steps; 0 = at the end only
+
+# ----------------------------------------------------------------------------- the two run configs
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config: {message}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    tracking: TrackingSection = field(default_factory=TrackingSection)
-    task: TaskSection = field(default_factory=TaskSection)
+    """What both commands share; use `PretrainConfig` or `FinetuneConfig`."""
+
+    command: ClassVar[str] = ""
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"config: {message}")
+        _need(self.train.steps >= 1, "train.steps must be >= 1")
+        _need(self.train.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _need(self.optimizer.lr > 0, "optimizer.lr must be > 0")
+        _need(len(self.optimizer.betas) == 2, "optimizer.betas needs two values")
+        _need(self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
+        _need(self.checkpoint.every >= 1, "checkpoint.every must be >= 1")
+        for key, value in self._local_paths():
+            _need("://" not in value and "::" not in value,
+                  f"{key} must be a local or shared-filesystem path (DeepSpeed writes checkpoints as files), "
+                  f"got {value!r}; shard sources (data.*_sources, task.train/val) may be any fsspec URL")
 
-        need(self.train.precision in ("bf16", "fp16", "fp32"), f"train.precision must be bf16, fp16 or fp32, "
-                                                                f"got {self.train.precision!r}")
-        need(self.train.steps >= 1, "train.steps must be >= 1")
-        need(self.train.grad_accum >= 1, "train.grad_accum must be >= 1")
-        need(self.data.mode in ("resampled", "exact"), f"data.mode must be resampled or exact, got {self.data.mode!r}")
-        if self.task.name:
-            need(self.task.name in ("vqa", "vcr", "refcoco"), f"task.name must be vqa, vcr or refcoco, "
-                                                               f"got {self.task.name!r}")
-            need(bool(self.task.train), "task.train (the task's training shards) is empty")
-            need(self.task.vcr_mode in ("q2a", "qa2r"), "task.vcr_mode must be q2a or qa2r")
-            need(self.task.batch_size >= 1, "task.batch_size must be >= 1")
-        else:
-            need(bool(self.data.vl_sources) or bool(self.data.prepare_default),
-                 "data.vl_sources is empty (or set data.prepare_default to a folder)")
-        need(not self.data.vl_weights or len(self.data.vl_weights) == len(self.data.vl_sources),
-             "data.vl_weights needs one weight per data.vl_sources entry")
-        need(not self.data.text_weights or len(self.data.text_weights) == len(self.data.text_sources),
-             "data.text_weights needs one weight per data.text_sources entry")
-        need(self.optimizer.schedule in ("linear", "constant"), "optimizer.schedule must be linear or constant")
-        need(self.optimizer.lr > 0, "optimizer.lr must be > 0")
-        need(len(self.optimizer.betas) == 2, "optimizer.betas needs two values")
-        need(self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
-        need(self.model.visual_front_end in ("precomputed", "end_to_end"),
-             "model.visual_front_end must be precomputed or end_to_end")
-        for key, value in (("train.output_dir", self.train.output_dir), ("checkpoint.dir", self.checkpoint.dir),
-                           ("data.prepare_default", self.data.prepare_default)):
-            need("://" not in value and "::" not in value,
-                 f"{key} must be a local or shared-filesystem path (DeepSpeed writes checkpoints as files), "
-                 f"got {value!r}; shard sources (data.*_sources, task.train/val) may be any fsspec URL")
+    def _local_paths(self) -> list[tuple[str, str]]:
+        return [("train.output_dir", self.train.output_dir), ("checkpoint.dir", self.checkpoint.dir)]
+
+    def resolved(self) -> RunConfig:
+        """Defaults that follow from other keys, filled in (called once by `load_config`)."""
+        return self
 
     @property
     def checkpoint_dir(self) -> str:
@@ -188,6 +199,69 @@ class RunConfig:
         return yaml.safe_dump(redact_urls(self.to_dict()), sort_keys=False)
 
 
+@dataclass(frozen=True)
+class PretrainConfig(RunConfig):
+    command: ClassVar[str] = "vlbert-pretrain"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    grounding: GroundingSection = field(default_factory=GroundingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def validate(self) -> None:
+        super().validate()
+        _need(bool(self.data.vl_sources) or bool(self.data.prepare_default),
+              "data.vl_sources is empty (or set data.prepare_default to a folder)")
+        _need(not self.data.vl_weights or len(self.data.vl_weights) == len(self.data.vl_sources),
+              "data.vl_weights needs one weight per data.vl_sources entry")
+        _need(not self.data.text_weights or len(self.data.text_weights) == len(self.data.text_sources),
+              "data.text_weights needs one weight per data.text_sources entry")
+
+    def _local_paths(self) -> list[tuple[str, str]]:
+        return [*super()._local_paths(), ("data.prepare_default", self.data.prepare_default)]
+
+    def resolved(self) -> PretrainConfig:
+        folder = self.data.prepare_default
+        if not folder:
+            return self
+        data = dataclasses.replace(self.data, vl_sources=self.data.vl_sources or [str(Path(folder) / "vl/train")],
+                                   text_sources=self.data.text_sources or [str(Path(folder) / "text/train")])
+        grounding = dataclasses.replace(self.grounding, data=self.grounding.data or str(Path(folder) / "vl/val"))
+        return dataclasses.replace(self, data=data, grounding=grounding)
+
+
+@dataclass(frozen=True)
+class FinetuneModelSection:
+    bert: str = option("default", "BERT folder for the BERT-only start, without task.init ('default' = MiniLM)")
+    num_region_classes: int = option(1601, "classes of the pretraining RoI head (read from task.init's config)")
+    overrides: dict[str, Any] = option({}, "any other VLBertConfig field, e.g. {hidden_dropout_prob: 0.1}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(RunConfig):
+    command: ClassVar[str] = "vlbert-finetune"
+    model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    data: TaskDataSection = field(default_factory=TaskDataSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    train: TrainSection = field(default_factory=lambda: TrainSection(output_dir="runs/finetune"))
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment="vlbert_ds-finetune"))
+
+    def validate(self) -> None:
+        super().validate()
+        _need(bool(self.task.train), "task.train (the task's training shards) is empty")
+        _need(self.task.batch_size >= 1, "task.batch_size must be >= 1")
+        _need(self.task.object_classes != "file" or bool(self.task.object_classes_file),
+              "task.object_classes=file needs task.object_classes_file")
+
+
+CONFIGS: tuple[type[RunConfig], ...] = (PretrainConfig, FinetuneConfig)
+
+
+# ----------------------------------------------------------------------------- loading
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -239,25 +313,49 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _apply(section: Any, values: dict[str, Any], name: str) -> None:
-    hints = typing.get_type_hints(type(section))
-    known = {f.name for f in dataclasses.fields(section)}
-    for key, value in values.items():
+def _section_types(kind: type[RunConfig]) -> dict[str, type]:
+    hints = typing.get_type_hints(kind)
+    return {f.name: hints[f.name] for f in dataclasses.fields(kind)}
+
+
+def _owner_of(kind: type[RunConfig], section: str, key: str | None = None) -> str | None:
+    """The other command that takes `section.key`, for the error message."""
+    for other in CONFIGS:
+        if other is kind:
+            continue
+        sections = _section_types(other)
+        if section in sections and (key is None or key in {f.name for f in dataclasses.fields(sections[section])}):
+            return other.command
+    return None
+
+
+def _build_section(cls: type, values: dict[str, Any], name: str, kind: type[RunConfig], base: Any) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
         if key not in known:
+            owner = _owner_of(kind, name, key)
+            if owner:
+                raise ValueError(f"config: {name}.{key} is a {owner} key; {kind.command} does not take it")
             raise ValueError(f"config: unknown key {name}.{key}; {name} has {sorted(known)}")
-        setattr(section, key, _coerce(value, hints[key], f"{name}.{key}"))
+    checked = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in values.items()}
+    return dataclasses.replace(base, **checked)
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    config = RunConfig()
-    sections = {f.name for f in dataclasses.fields(config)}
+def config_from_dict(data: dict[str, Any], kind: type[RunConfig] = PretrainConfig) -> RunConfig:
+    sections = _section_types(kind)
+    defaults = kind()
+    built = {}
     for name, values in (data or {}).items():
         if name not in sections:
+            owner = _owner_of(kind, name)
+            if owner:
+                raise ValueError(f"config: section {name!r} is for {owner}; {kind.command} does not take it")
             raise ValueError(f"config: unknown section {name!r}; sections are {sorted(sections)}")
         if not isinstance(values, dict):
             raise ValueError(f"config: section {name!r} must be a mapping")
-        _apply(getattr(config, name), values, name)
-    return config
+        built[name] = _build_section(sections[name], values, name, kind, getattr(defaults, name))
+    return dataclasses.replace(defaults, **built)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -289,7 +387,16 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         return section, key, raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def takes_key(kind: type[RunConfig], override: str) -> bool:
+    """Whether `kind` has the `section.key` of an override (shared overrides are routed with this)."""
+    section, key, _ = parse_override(override)
+    sections = _section_types(kind)
+    return section in sections and key in {f.name for f in dataclasses.fields(sections[section])}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (),
+                kind: type[RunConfig] = PretrainConfig) -> RunConfig:
+    """File + overrides -> the validated, resolved config of one command."""
     data: dict[str, Any] = {}
     if path:
         path = Path(path)
@@ -300,6 +407,29 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for override in overrides:
         section, key, value = parse_override(override)
         data.setdefault(section, {})[key] = value
-    config = config_from_dict(data)
+    config = config_from_dict(data, kind)
     config.validate()
-    return config
+    return config.resolved()
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        return f"list[{_type_name(typing.get_args(annotation)[0])}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def config_help(kind: type[RunConfig]) -> str:
+    """Every key of a command's config with its type, default and help (for `--help`)."""
+    defaults = kind()
+    lines = ["config keys (in the --config file as section: {key: value}, or as section.key=value):"]
+    for name, cls in _section_types(kind).items():
+        section = getattr(defaults, name)
+        hints = typing.get_type_hints(cls)
+        lines.append(f"  {name}:")
+        for f in dataclasses.fields(cls):
+            default = json.dumps(getattr(section, f.name))
+            lines.append(f"    {name}.{f.name} ({_type_name(hints[f.name])}, default {default})")
+            lines.append(f"        {f.metadata.get('help', '')}")
+    return "\n".join(lines)

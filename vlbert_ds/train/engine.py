@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlbert_ds.train.config import RunConfig
+from vlbert_ds.train.config import OptimizerSection, TrainSection
 
 # Keys the engine owns; a ds_config may repeat them only with the same value.
 _OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
@@ -37,15 +37,17 @@ def read_ds_config(path: str) -> dict[str, Any]:
     return json.loads(candidate.read_text())
 
 
-def build_ds_config(config: RunConfig, world_size: int, template: dict[str, Any]) -> dict[str, Any]:
-    micro = config.data.vl_per_batch + config.data.text_per_batch
+def build_ds_config(train: TrainSection, optimizer: OptimizerSection, micro: int, world_size: int,
+                    template: dict[str, Any], load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON: `template` (ZeRO settings) + what the run config decides; `micro` = rows
+    per rank per micro-batch."""
     wanted: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": config.train.grad_accum,
-        "train_batch_size": micro * config.train.grad_accum * world_size,
-        "gradient_clipping": config.optimizer.grad_clip,
-        "bf16": {"enabled": config.train.precision == "bf16"},
-        "fp16": {"enabled": config.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": micro * train.grad_accum * world_size,
+        "gradient_clipping": optimizer.grad_clip,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
     }
     for key in _OWNED:
@@ -55,7 +57,7 @@ def build_ds_config(config: RunConfig, world_size: int, template: dict[str, Any]
         if isinstance(given, dict) and isinstance(ours, dict):
             if given.get("enabled", ours["enabled"]) != ours["enabled"]:
                 raise ValueError(f"ds_config sets {key}.enabled={given.get('enabled')} but train.precision is "
-                                 f"{config.train.precision!r}; remove it from the JSON or change the precision")
+                                 f"{train.precision!r}; remove it from the JSON or change the precision")
         elif given != ours:
             raise ValueError(f"ds_config sets {key}={given!r} but the run config implies {ours!r} "
                              f"(batch sizes, accumulation, clipping come from the run config)")
@@ -63,7 +65,7 @@ def build_ds_config(config: RunConfig, world_size: int, template: dict[str, Any]
         if key in template:
             raise ValueError(f"ds_config sets {key!r}; the optimizer and schedule come from the run config")
     ds = {**template, **wanted}
-    if config.checkpoint.load_universal:
+    if load_universal:
         ds["checkpoint"] = {**template.get("checkpoint", {}), "load_universal": True}
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
@@ -98,14 +100,14 @@ def lr_lambda(warmup: int, total: int, schedule: str):
     return factor
 
 
-def build_optimizer(model: nn.Module, config: RunConfig, offload: bool) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optimizer: OptimizerSection, offload: bool) -> torch.optim.Optimizer:
     report = getattr(model, "load_report", None)
     fresh = {n for n in report.fresh if "[" not in n} if report is not None else set()
-    groups = parameter_groups(model, config.optimizer.weight_decay, config.optimizer.decay_norm_and_bias, fresh,
-                              config.optimizer.fresh_lr_multiplier)
+    groups = parameter_groups(model, optimizer.weight_decay, optimizer.decay_norm_and_bias, fresh,
+                              optimizer.fresh_lr_multiplier)
     for group in groups:
-        group["lr"] = config.optimizer.lr * group["lr_scale"]
-    kwargs = dict(lr=config.optimizer.lr, betas=tuple(config.optimizer.betas), eps=config.optimizer.eps)
+        group["lr"] = optimizer.lr * group["lr_scale"]
+    kwargs = dict(lr=optimizer.lr, betas=tuple(optimizer.betas), eps=optimizer.eps)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -117,14 +119,17 @@ def build_optimizer(model: nn.Module, config: RunConfig, offload: bool) -> torch
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def make_engine(model: nn.Module, config: RunConfig, world_size: int):
+def make_engine(model: nn.Module, train: TrainSection, optimizer_config: OptimizerSection, micro: int,
+                world_size: int, load_universal: bool = False):
+    """A DeepSpeed engine for `model`: `micro` rows per rank per micro-batch; returns (engine, ds_config)."""
     import deepspeed
 
-    ds_config = build_ds_config(config, world_size, read_ds_config(config.train.ds_config))
+    ds_config = build_ds_config(train, optimizer_config, micro, world_size, read_ds_config(train.ds_config),
+                                load_universal)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
-    optimizer = build_optimizer(model, config, offload)
+    optimizer = build_optimizer(model, optimizer_config, offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.optimizer.warmup_steps, config.train.steps, config.optimizer.schedule))
+        optimizer, lr_lambda(optimizer_config.warmup_steps, train.steps, optimizer_config.schedule))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)
     return engine, ds_config

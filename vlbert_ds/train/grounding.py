@@ -17,14 +17,12 @@ import numpy as np
 import torch
 
 from vlbert_ds.data import storage
+from vlbert_ds.data.boxes import with_image_roi
 from vlbert_ds.data.examples import TokenizerTools, VLExample, collate, decode_image
 from vlbert_ds.data.masking import IGNORE
-from vlbert_ds.data.pipeline import LoaderConfig, ShardPiece, SkipCounter, read_piece
 from vlbert_ds.data.schema import SampleError, decode_vl
+from vlbert_ds.data.streams import ReadSettings, ShardPiece, SkipCounter, read_piece
 from vlbert_ds.model.inputs import VLBatch
-from vlbert_ds.prep.default import COLOURS, SHAPES
-
-GROUNDED_WORDS = frozenset([*COLOURS, *SHAPES, "left", "right", "above", "below"])
 
 
 @dataclass
@@ -34,15 +32,15 @@ class GroundingSet:
     targets: int
 
 
-def build_grounding_set(spec: str, tokenizer: str, visual_front_end: str, num_region_classes: int,
-                        max_samples: int = 200, batch_size: int = 32) -> GroundingSet:
+def build_grounding_set(spec: str, grounded_words: frozenset[str], tokenizer: str, visual_front_end: str,
+                        num_region_classes: int, max_samples: int = 200, batch_size: int = 32) -> GroundingSet:
+    """Captions of `spec` with every word of `grounded_words` masked (the words the image decides)."""
     tools = TokenizerTools(tokenizer)
     backend = tools.tokenizer.backend_tokenizer
-    loader_config = LoaderConfig(vl_sources=[], text_sources=[], tokenizer=tokenizer)
     vl_rows: list[VLExample] = []
     skipped = SkipCounter()
     for url in storage.expand_urls(spec):
-        for sample in read_piece(ShardPiece(url, -1), loader_config, skipped):
+        for sample in read_piece(ShardPiece(url, -1), ReadSettings(), skipped):
             if len(vl_rows) >= max_samples:
                 break
             try:
@@ -54,14 +52,14 @@ def build_grounding_set(spec: str, tokenizer: str, visual_front_end: str, num_re
                 record.caption))]
             encoding = tools.tokenizer(words, is_split_into_words=True, add_special_tokens=False)
             ids = np.asarray(encoding["input_ids"], dtype=np.int64)
-            grounded = np.array([words[w] in GROUNDED_WORDS for w in encoding.word_ids()], dtype=bool)
+            grounded = np.array([words[w] in grounded_words for w in encoding.word_ids()], dtype=bool)
             if not grounded.any():
                 continue
             masked = np.where(grounded, tools.mask_id, ids)
             text = np.concatenate(([tools.cls_id], masked, [tools.sep_id]))
             labels = np.concatenate(([IGNORE], np.where(grounded, ids, IGNORE), [IGNORE]))
             width, height = float(record.image_width), float(record.image_height)
-            boxes = np.concatenate(([[0, 0, width - 1, height - 1]], record.boxes)).astype(np.float32)
+            boxes = with_image_roi(record.boxes, width, height)
             count = boxes.shape[0]
             features = whole = image = None
             if visual_front_end == "precomputed":
@@ -77,7 +75,8 @@ def build_grounding_set(spec: str, tokenizer: str, visual_front_end: str, num_re
         if len(vl_rows) >= max_samples:
             break
     if not vl_rows:
-        raise ValueError(f"no caption with colour/shape/relation words in {spec}")
+        listed = ", ".join(sorted(grounded_words)[:8])
+        raise ValueError(f"no caption of {spec} has a word of the grounding list ({listed}, ...)")
     with_image = [collate(vl_rows[i : i + batch_size], []) for i in range(0, len(vl_rows), batch_size)]
     withheld = []
     for batch in with_image:

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlbert_ds.train.config import load_config
+from vlbert_ds.train.config import FinetuneConfig, PretrainConfig, load_config, takes_key
 from vlbert_ds.train.distributed import discover
 
 # (name in the table, task, VCR mode)
@@ -40,6 +40,8 @@ FULL = Budget(pretrain_steps=4000, finetune_steps=600, train_scenes=8000, val_sc
 
 def pretrain_for_ablation(output: Path, steps: int, overrides: list[str] = ()) -> str:
     """A short single-process pretraining on the embedded default; returns its exported folder."""
+    from vlbert_ds.bundled import default_bert
+    from vlbert_ds.prep.default import GROUNDING_WORDS, ensure_default
     from vlbert_ds.train.pretrain import run
 
     exported = output / "pretrain" / "pretrained"
@@ -57,17 +59,23 @@ def pretrain_for_ablation(output: Path, steps: int, overrides: list[str] = ()) -
         "data.vl_per_batch=16", "data.text_per_batch=16", "data.num_workers=1", "optimizer.lr=2e-4",
         "optimizer.warmup_steps=30", "optimizer.fresh_lr_multiplier=10", f"train.steps={steps}",
         "train.log_every=50", f"train.output_dir={output / 'pretrain'}", f"checkpoint.every={steps}",
-        "checkpoint.keep=1", "tracking.experiment=vlbert_ds-ablation-pretrain", *overrides])
-    result = run(config, discover())
+        "checkpoint.keep=1", "tracking.experiment=vlbert_ds-ablation-pretrain",
+        *(o for o in overrides if takes_key(PretrainConfig, o))], PretrainConfig)
+    ensure_default(config.data.prepare_default, default_bert())
+    result = run(config, discover(), grounding_words=GROUNDING_WORDS)
     marker.write_text(str(steps))
     return str(result.export_dir)
 
 
 def run_ablation(output: str, init: str | None, budget: Budget = QUICK, overrides: list[str] = ()) -> int:
-    """Overrides apply to the pretraining and to every fine-tuning run alike."""
+    """Overrides apply to the pretraining and to every fine-tuning run alike (each gets the keys its
+    command takes; a key neither takes is an error)."""
     from vlbert_ds.prep.synthetic_tasks import prepare_synthetic_tasks, synthetic_ready
-    from vlbert_ds.train.finetune import finetune
+    from vlbert_ds.train.finetune import METRIC_NAMES, finetune
 
+    for override in overrides:
+        if not (takes_key(PretrainConfig, override) or takes_key(FinetuneConfig, override)):
+            load_config(None, [override], FinetuneConfig)  # raises, naming the key
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "tasks"
@@ -95,10 +103,11 @@ def run_ablation(output: str, init: str | None, budget: Budget = QUICK, override
                 f"train.steps={budget.finetune_steps}", "train.log_every=0", "data.num_workers=1",
                 f"train.output_dir={run_dir}", f"checkpoint.every={budget.finetune_steps}", "checkpoint.keep=1",
                 "checkpoint.resume=false", "checkpoint.export=false", "tracking.experiment=vlbert_ds-ablation",
-                f"tracking.run_name={task}-{mode}-{which}", *overrides])
+                f"tracking.run_name={task}-{mode}-{which}",
+                *(o for o in overrides if takes_key(FinetuneConfig, o))], FinetuneConfig)
             print(f"\n== {name}: fine-tuning from {which} ({budget.finetune_steps} steps) ==", flush=True)
             result = finetune(config, discover())
-            results[name][which] = next(iter(result.val_metrics.values()))
+            results[name][which] = result.final_metrics[f"val_{METRIC_NAMES[task]}"]
             predictions[(name, which)] = result.predictions
     joint = {}
     for which in INITS:

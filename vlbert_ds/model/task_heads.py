@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from vlbert_ds.model.config import VLBertConfig
+from vlbert_ds.model.geometry import box_iou_pixels
 from vlbert_ds.model.heads import MLMTransform, MRCTransform
 from vlbert_ds.model.inputs import VLBatch
 from vlbert_ds.model.loading import CONFIG_NAME, WeightLoadReport, load_weights_state
@@ -66,6 +67,16 @@ class TaskOutput:
     loss: Tensor | None
     logits: Tensor  # VQA [B, A]; VCR [items, choices]; RefCOCO+ [B, R] (-inf where not a candidate)
     metrics: dict[str, Tensor] = field(default_factory=dict)  # summed over the batch, with "count"
+    losses: dict[str, Tensor] = field(default_factory=dict)  # the parts of `loss` when it has several
+    metric_name: str = ""  # the task metric that metrics[...] sums (vqa_accuracy, accuracy, accuracy_iou50)
+
+    def weighted_metrics(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """name -> (mean over the batch's items, items): what a trainer averages over micro-batches."""
+        count = self.metrics.get("count")
+        if count is None or not self.metric_name:
+            return {}
+        total = sum(v for k, v in self.metrics.items() if k != "count")
+        return {self.metric_name: (total / count.clamp(min=1), count)}
 
 
 def _classifier(hidden: int, outputs: int) -> nn.Linear:
@@ -118,7 +129,8 @@ class VLBertForVQA(_TaskModel):
         targets = task.answer_targets.float()
         loss = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
         score = targets.gather(1, logits.argmax(1, keepdim=True)).sum()  # VQA accuracy of the top answer
-        return TaskOutput(loss, logits, {"vqa_score": score.detach(), "count": torch.tensor(float(logits.shape[0]))})
+        return TaskOutput(loss, logits, {"vqa_score": score.detach(), "count": torch.tensor(float(logits.shape[0]))},
+                          metric_name="vqa_accuracy")
 
 
 class VLBertForMultipleChoice(_TaskModel):
@@ -160,14 +172,16 @@ class VLBertForMultipleChoice(_TaskModel):
         if task.choice_labels is None:
             return TaskOutput(None, logits)
         one_hot = nn.functional.one_hot(task.choice_labels, task.num_choices).float()
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, one_hot)
+        losses = {"choice": nn.functional.binary_cross_entropy_with_logits(logits, one_hot)}
         if self.config.num_object_classes > 0 and task.object_labels is not None:
             known = task.batch.region_mask.bool() & (task.object_labels >= 0)
             if known.any():
                 object_logits = self.object_classifier(self.object_transform(out.region_output[known])).float()
-                loss = loss + nn.functional.cross_entropy(object_logits, task.object_labels[known])
+                losses["object_classes"] = nn.functional.cross_entropy(object_logits, task.object_labels[known])
+        loss = losses["choice"] + losses["object_classes"] if "object_classes" in losses else losses["choice"]
         correct = (logits.argmax(1) == task.choice_labels).float().sum()
-        return TaskOutput(loss, logits, {"correct": correct.detach(), "count": torch.tensor(float(logits.shape[0]))})
+        return TaskOutput(loss, logits, {"correct": correct.detach(), "count": torch.tensor(float(logits.shape[0]))},
+                          losses=losses, metric_name="accuracy")
 
 
 class VLBertForReferring(_TaskModel):
@@ -184,8 +198,6 @@ class VLBertForReferring(_TaskModel):
         self.classifier = _classifier(config.hidden_size, 1)
 
     def forward(self, task: TaskBatch) -> TaskOutput:
-        from torchvision.ops import box_iou
-
         batch = task.batch
         out = self.vlbert(batch)
         candidates = batch.region_mask.bool().clone()
@@ -198,12 +210,17 @@ class VLBertForReferring(_TaskModel):
         loss = nn.functional.binary_cross_entropy_with_logits(logits[candidates], labels)
         rows = torch.arange(logits.shape[0], device=logits.device)
         chosen = batch.boxes[rows, logits.argmax(1)].float()
-        iou = box_iou(chosen, task.target_boxes.float()).diagonal()
-        correct = (iou >= 0.5).float().sum()
-        return TaskOutput(loss, logits, {"correct": correct.detach(), "count": torch.tensor(float(logits.shape[0]))})
+        correct = referring_hits(chosen, task.target_boxes).sum()
+        return TaskOutput(loss, logits, {"correct": correct.detach(), "count": torch.tensor(float(logits.shape[0]))},
+                          metric_name="accuracy_iou50")
+
+
+def referring_hits(chosen: Tensor, targets: Tensor) -> Tensor:
+    """1.0 where the chosen box overlaps its target at IoU >= 0.5 (the RefCOCO+ metric), else 0.0."""
+    return (box_iou_pixels(chosen, targets).diagonal() >= 0.5).float()
 
 
 TASK_MODELS: dict[str, type[_TaskModel]] = {"vqa": VLBertForVQA, "vcr": VLBertForMultipleChoice,
                                              "refcoco": VLBertForReferring}
 __all__ = ["TASK_MODELS", "TaskBatch", "TaskOutput", "VLBertForMultipleChoice", "VLBertForReferring",
-           "VLBertForVQA", "WeightLoadReport"]
+           "VLBertForVQA", "WeightLoadReport", "referring_hits"]

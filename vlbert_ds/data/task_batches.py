@@ -17,14 +17,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
 from vlbert_ds.data import storage
+from vlbert_ds.data.boxes import with_image_roi
 from vlbert_ds.data.examples import TokenizerTools
-from vlbert_ds.data.pipeline import ShardPiece, SkipCounter, read_piece, shuffled, worker_loader
 from vlbert_ds.data.schema import TASK_KINDS, SampleError, TaskRecord, decode_task
+from vlbert_ds.data.streams import (
+    ReadSettings,
+    ResumableLoader,
+    ShardPiece,
+    ShardStream,
+    SkipCounter,
+    read_piece,
+    shuffled,
+)
+from vlbert_ds.model.geometry import box_iou_pixels
 from vlbert_ds.model.inputs import VLBatch
-from vlbert_ds.model.tasks import TaskBatch
+from vlbert_ds.model.task_heads import TaskBatch
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +93,6 @@ class TaskExample:
     target_box: np.ndarray | None = None
 
 
-def _iou(boxes: np.ndarray, target: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(boxes[:, 0], target[0])
-    y1 = np.maximum(boxes[:, 1], target[1])
-    x2 = np.minimum(boxes[:, 2], target[2])
-    y2 = np.minimum(boxes[:, 3], target[3])
-    inter = np.clip(x2 - x1 + 1, 0, None) * np.clip(y2 - y1 + 1, 0, None)
-    area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
-    target_area = (target[2] - target[0] + 1) * (target[3] - target[1] + 1)
-    return inter / (area + target_area - inter)
-
-
 class TaskExampleMaker:
     """TaskRecord -> TaskExample for one task (a worker builds one; it holds the tokenizer)."""
 
@@ -110,13 +108,9 @@ class TaskExampleMaker:
 
     def _visual(self, record: TaskRecord) -> tuple[np.ndarray, np.ndarray]:
         width, height = float(record.image_width), float(record.image_height)
-        boxes = record.boxes[: self.config.max_regions].copy()
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width - 1)
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height - 1)
         features = record.features[: self.config.max_regions].astype(np.float32)
         whole = features.mean(0, keepdims=True) if len(features) else np.zeros((1, features.shape[1]), np.float32)
-        all_boxes = np.concatenate(([[0.0, 0.0, width - 1, height - 1]], boxes)).astype(np.float32)
-        return all_boxes, np.concatenate((whole, features))
+        return with_image_roi(record.boxes[: self.config.max_regions], width, height), np.concatenate((whole, features))
 
     def __call__(self, record: TaskRecord) -> TaskExample:
         boxes, features = self._visual(record)
@@ -140,7 +134,8 @@ class TaskExampleMaker:
                 raise SampleError("empty_expression", record.key)
             ids = np.array([tools.cls_id, *expression, tools.sep_id])
             target = np.asarray(meta["target_box"], dtype=np.float32)
-            labels = (_iou(boxes, target) > 0.5).astype(np.float32)
+            labels = (box_iou_pixels(torch.from_numpy(boxes), torch.from_numpy(target)[None]).squeeze(1) > 0.5).numpy(
+                ).astype(np.float32)
             labels[0] = 0.0
             return TaskExample(record.key, [(ids, np.zeros_like(ids), np.zeros_like(ids))], boxes, features, size,
                                region_label=labels, target_box=target)
@@ -256,19 +251,27 @@ def collate_task(examples: list[TaskExample], task: str) -> TaskBatch:
     return out
 
 
-class TaskStream(IterableDataset):
-    """Micro-batches of one rank: shards split over ranks and workers (samples when shards are few)."""
+class TaskStream(ShardStream):
+    """Micro-batches of one rank: shards split over ranks and workers (samples when shards are few).
+
+    Training streams run for ever, each worker from epoch to epoch on its own, and a DataLoader takes
+    their batches in turn, so batch i of a rank is worker i % W's batch i // W. The position is how
+    many batches the rank has used and, per worker, the epoch and how many shuffled samples of it
+    that worker has consumed; a resumed worker re-reads those samples without decoding them.
+    """
 
     def __init__(self, spec: str, config: TaskDataConfig, rank: int = 0, world_size: int = 1,
                  loop: bool = True) -> None:
-        super().__init__()
+        super().__init__(rank, world_size, config.num_workers)
         config.validate()
         self.urls = storage.expand_urls(spec)
         if not self.urls:
             raise FileNotFoundError(f"no shards at {spec}")
-        self.config, self.rank, self.world_size, self.loop = config, rank, world_size, loop
-        self.epoch = 0
+        self.config, self.loop = config, loop
         self.skipped = SkipCounter()
+        self.delivered = 0  # batches handed to the trainer, all epochs
+        self.workers: list[tuple[int, int]] = [(0, 0)] * self.num_workers  # per worker: (epoch, samples taken)
+        self._start = (self.delivered, list(self.workers))  # where the workers begin
 
     def _pieces(self, worker: int, workers: int, epoch: int) -> list[ShardPiece]:
         readers, reader = self.world_size * workers, self.rank * workers + worker
@@ -279,19 +282,29 @@ class TaskStream(IterableDataset):
             return [ShardPiece(url, 0) for url in urls[reader::readers]]
         return [ShardPiece(url, 0, readers, reader) for url in urls]  # every `readers`-th sample of each
 
+    def _samples(self, worker: int, epoch: int) -> Iterator[dict[str, Any]]:
+        samples: Iterator[dict[str, Any]] = (s for piece in self._pieces(worker, self.num_workers, epoch)
+                                             for s in read_piece(piece, _READ, self.skipped))
+        if self.config.train:
+            samples = shuffled(samples, self.config.shuffle_buffer, random.Random(
+                f"{self.config.seed}/{epoch}/{self.rank}/{worker}"))
+        return samples
+
     def __iter__(self) -> Iterator[TaskLoaderBatch]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        delivered, positions = self._start
+        physical = self.worker_id()
+        worker = (physical + delivered) % self.num_workers  # a restarted DataLoader begins at worker 0
+        epoch, skip = positions[worker] if self.loop else (0, 0)
         maker = TaskExampleMaker(self.config)
-        epoch = self.epoch
         pending: list[TaskExample] = []
         while True:
-            samples: Iterator[dict[str, Any]] = (s for piece in self._pieces(worker, workers, epoch)
-                                                 for s in read_piece(piece, _READ, self.skipped))
-            if self.config.train:
-                samples = shuffled(samples, self.config.shuffle_buffer, random.Random(
-                    f"{self.config.seed}/{epoch}/{self.rank}/{worker}"))
-            for sample in samples:
+            taken = 0
+            for sample in self._samples(worker, epoch):
+                taken += 1
+                if taken <= skip:  # delivered before the restart (and its skips reported then)
+                    continue
+                if skip and taken == skip + 1:
+                    self.skipped.clear()
                 try:
                     pending.append(maker(decode_task(sample, self.config.task)))
                 except SampleError as err:
@@ -300,30 +313,52 @@ class TaskStream(IterableDataset):
                         log.warning("skipping %s: %s", sample.get("__key__"), err)
                     continue
                 if len(pending) == self.config.batch_size:
-                    yield TaskLoaderBatch(collate_task(pending, self.config.task), self.skipped.take())
+                    yield TaskLoaderBatch(collate_task(pending, self.config.task), self.skipped.take(), worker,
+                                          epoch, taken)
                     pending = []
-            epoch += 1
+            skip = 0
             if not self.loop:
                 break
+            epoch, pending = epoch + 1, []  # a batch never spans two epochs, so a position is (epoch, taken)
         if pending:
-            yield TaskLoaderBatch(collate_task(pending, self.config.task), self.skipped.take())
+            yield TaskLoaderBatch(collate_task(pending, self.config.task), self.skipped.take(), worker, epoch, taken)
+
+    # --- the position (ShardStream)
+    def next_epoch(self) -> None:
+        raise RuntimeError("a training TaskStream never ends")
+
+    def advance(self, item: TaskLoaderBatch) -> None:
+        self.delivered += 1
+        self.workers[item.worker] = (item.epoch, item.taken)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"delivered": self.delivered, "workers": [list(p) for p in self.workers],
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        workers = [tuple(p) for p in state.get("workers", [])]
+        if state.get("world_size") != self.world_size or len(workers) != self.num_workers:
+            log.warning("task data position saved with %s ranks x %d workers, resumed with %d x %d: starting a "
+                        "fresh pass", state.get("world_size"), len(workers), self.world_size, self.num_workers)
+            epoch = max((p[0] for p in workers), default=0) + 1
+            self.delivered, self.workers = 0, [(epoch, 0)] * self.num_workers
+        else:
+            self.delivered, self.workers = int(state["delivered"]), workers
+        self._start = (self.delivered, list(self.workers))
 
 
 @dataclass
 class TaskLoaderBatch:
     task: TaskBatch
     skipped: dict[str, int]  # items dropped since the previous batch, by reason (answer_out_of_vocab, ...)
+    worker: int = 0  # the (logical) worker that made it
+    epoch: int = 0  # that worker's epoch
+    taken: int = 0  # shuffled samples of the epoch that worker had consumed after this batch
 
 
-@dataclass
-class _ReadSettings:  # what read_piece needs from a loader config
-    shard_open_attempts: int = 5
-    shard_retry_delay: float = 0.5
+_READ = ReadSettings()
 
 
-_READ = _ReadSettings()
-
-
-def task_loader(spec: str, config: TaskDataConfig, rank: int = 0, world_size: int = 1, loop: bool = True):
-    stream = TaskStream(spec, config, rank, world_size, loop)
-    return worker_loader(stream, config.num_workers)
+def task_loader(spec: str, config: TaskDataConfig, rank: int = 0, world_size: int = 1) -> ResumableLoader:
+    """What the trainer iterates: the rank's endless training stream, its position in `state_dict()`."""
+    return ResumableLoader(TaskStream(spec, config, rank, world_size, loop=True))

@@ -1,0 +1,1 @@
+"""Experiments built from the training recipes (the fine-tuning ablation)."""
