@@ -18,8 +18,14 @@ def test_pretrain_step_benchmark_writes_both_models_and_the_ratio(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["results"]) >= {"ours", "hf_visualbert"}
-    assert result["ratio_vs_hf_visualbert"] > 0
+    for name in ("ours", "hf_visualbert"):  # each rate is the rows over the median of the timed steps
+        times = sorted(result["results"][name]["step_s_all"])
+        assert len(times) == 1 and result["results"][name]["samples_per_s"] == result["rows"] / times[0]
+    ours, hf = (result["results"][n]["samples_per_s"] for n in ("ours", "hf_visualbert"))
+    assert result["ratio_vs_hf_visualbert"] == ours / hf
+    assert result["rows"] == 8  # --batch 8
     assert result["real_elements"] < result["hf_padded_elements"]  # HF pads every row; we do not
+    assert f"{result['ratio_vs_hf_visualbert']:.2f}x" in done.stdout
     assert "ratio (ours / HF VisualBERT" in done.stdout
 
 

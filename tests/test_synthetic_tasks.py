@@ -118,6 +118,14 @@ def test_ablation_command_writes_the_table_plot_and_json(tmp_path):
     assert report["budget"] == {"pretrain_steps": 4, "finetune_steps": 3, "train_scenes": 40, "val_scenes": 16}
     table = (tmp_path / "ablation.md").read_text()
     assert table.count("| VCR") == 3 and "| RefCOCO+ |" in table
+    for name, scores in report["results"].items():  # the table shows the JSON's numbers, in %
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:3] == [f"{100 * scores['pretrained']:.1f}", f"{100 * scores['bert_only']:.1f}"]
+        assert cells[3] == f"{100 * (scores['pretrained'] - scores['bert_only']):+.1f}"
+    for init in ("pretrained", "bert_only"):  # Q->AR needs both right: within the Frechet bounds of the two
+        qa, qar, joint = (report["results"][n][init] for n in ("VCR Q->A", "VCR QA->R", "VCR Q->AR"))
+        assert max(0.0, qa + qar - 1.0) - 1e-9 <= joint <= min(qa, qar) + 1e-9
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The same folder with another pretraining budget is refused instead of silently reusing the run.

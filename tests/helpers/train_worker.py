@@ -26,6 +26,23 @@ def fixed_batches(folder: str, count: int, tokenizer: str):
     return [next(stream).batch for _ in range(count)]
 
 
+def add_extra_outputs(rank: int) -> None:
+    """A model that returns one loss part and one accuracy the trainer has never heard of:
+    `demo_part` = 0.5 on every rank; `demo_acc` 1.0 over 3 items on rank 0, 0.0 over 1 item elsewhere."""
+    from vlbert_ds.model import VLBertForPretraining
+
+    original = VLBertForPretraining.forward
+
+    def forward(self, batch):
+        out = original(self, batch)
+        out.losses["demo_part"] = torch.tensor(0.5)
+        out.metrics["demo_acc"] = torch.tensor(1.0 if rank == 0 else 0.0)
+        out.metrics["demo_count"] = torch.tensor(3.0 if rank == 0 else 1.0)
+        return out
+
+    VLBertForPretraining.forward = forward
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -39,6 +56,8 @@ def main() -> None:
     dist = discover()
     config = load_config(spec.get("config"), spec["overrides"])
     init_distributed(dist, timeout_s=config.train.dist_timeout_s)
+    if spec.get("extra_outputs"):
+        add_extra_outputs(dist.rank)
     batches = None
     if spec.get("batches"):
         every = fixed_batches(spec["batches"], spec["num_batches"], default_bert())
@@ -59,6 +78,10 @@ def main() -> None:
                 b = loaded.vlbert(probe).text_output
             mask = probe.text_mask
             report["export_max_abs_diff"] = float((a[mask] - b[mask]).abs().max())
+            bert = VLBertForPretraining.from_bert(default_bert(), num_region_classes=25)
+            trained = loaded.vlbert.embeddings.word_embeddings.weight
+            report["export_vs_bert_max_abs_diff"] = float(
+                (trained - bert.vlbert.embeddings.word_embeddings.weight).abs().max())
         Path(spec["out"]).write_text(json.dumps(report))
 
 
