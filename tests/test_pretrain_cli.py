@@ -69,9 +69,9 @@ def test_a_worker_that_rejects_every_sample_stops_instead_of_spinning(default_da
     from vlbert_ds.data import ExampleConfig, LoaderConfig, PretrainStream, SourceSpec, UnusableDataError
     from vlbert_ds.data.examples import make_vl_example
     from vlbert_ds.data.pipeline import MAX_REJECTED_BEFORE_FIRST
-    from vlbert_ds.data.streams import ShardPiece, SkipCounter, read_piece
     from vlbert_ds.data.schema import decode_vl
     from vlbert_ds.data.storage import expand_urls
+    from vlbert_ds.data.streams import ShardPiece, SkipCounter, read_piece
 
     config = LoaderConfig(vl_sources=[SourceSpec(f"{default_data}/vl/train")],
                           text_sources=[SourceSpec(f"{default_data}/text/train")], tokenizer=str(minilm_folder),

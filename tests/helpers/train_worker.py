@@ -48,9 +48,9 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     from vlbert_ds.bundled import default_bert
+    from vlbert_ds.cli.pretrain import pretrain
     from vlbert_ds.train.config import load_config
     from vlbert_ds.train.distributed import discover, exit_fast_on_error, init_distributed
-    from vlbert_ds.cli.pretrain import pretrain
     from vlbert_ds.train.pretrain import run
 
     dist = discover()
