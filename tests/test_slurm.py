@@ -173,7 +173,7 @@ def test_finetune_sbatch_runs_the_same_way(slurm, synthetic_tasks, tmp_path):
                  f"train.output_dir={out}"]
     done = subprocess.run(["sbatch", "--wait", "--job-name=vlbert-slurm-test", f"--output={log}", f"--chdir={REPO}",
                            *CPU_SHAPE, str(REPO / "launch" / "slurm" / "finetune.sbatch"), "refcoco",
-                           str(REPO / "configs" / "default.yaml"), *overrides],
+                           str(REPO / "configs" / "finetune_vqa.yaml"), *overrides],  # a fine-tuning config
                           env=env, capture_output=True, text=True, timeout=600)
     text = log.read_text()
     assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{text[-4000:]}"

@@ -154,6 +154,9 @@ class FinetuneRecipe:
 
     def write_outputs(self, trainer: Trainer, final: dict[str, float]) -> None:
         val = {k[len("val_"):]: v for k, v in final.items() if k.startswith("val_")}
+        if val:
+            print(f"{self.config.task.name} validation: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()),
+                  flush=True)
         (trainer.output / "val_metrics.json").write_text(
             json.dumps({"val": val, "skipped": trainer.metrics.skipped_total}, indent=1))
 
