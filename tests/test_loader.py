@@ -291,3 +291,34 @@ def test_bad_images_missing_members_and_long_captions_are_counted_never_fatal(de
     for b in batches:
         elements = b.batch.text_mask.sum(1) + b.batch.region_mask.sum(1)
         assert int(elements.max()) <= 64
+
+
+def test_a_pattern_naming_shards_that_do_not_exist_is_refused_naming_them(default_data, minilm_folder):
+    pattern = f"{default_data}/vl/train/shard-{{000000..000099}}.tar"  # 100 named, the folder holds fewer
+    existing = len(list((default_data / "vl/train").glob("*.tar")))
+    with pytest.raises(ValueError, match=rf"{100 - existing} of its 100 shards do not exist \(.*shard-0000"):
+        PretrainStream(_config(default_data, minilm_folder, vl_sources=[SourceSpec(pattern)]))
+
+
+@pytest.mark.parametrize("claimed", [1, 500])
+def test_exact_mode_counts_a_wrong_sizes_json_and_drops_nothing_silently(claimed, default_data, minilm_folder,
+                                                                         tmp_path, caplog):
+    folder = tmp_path / "vl"
+    shutil.copytree(default_data / "vl/train", folder)
+    truth = json.loads((folder / "sizes.json").read_text())
+    (folder / "sizes.json").write_text(json.dumps({name: claimed for name in truth}))
+    config = _config(default_data, minilm_folder, vl_sources=[SourceSpec(str(folder))], vl_per_batch=4)
+    batches = _epoch(config, workers=False)
+    delivered = [k for b in batches for k in b.keys]
+    skipped = Counter()
+    for b in batches:
+        skipped.update(b.skipped)
+    assert skipped["sizes_mismatch"] == len(truth)  # every shard's entry is wrong
+    total = sum(truth.values())
+    assert len(set(delivered)) == len(delivered)
+    assert len(delivered) + skipped["sizes_mismatch_dropped"] == total  # each sample delivered or counted
+    if claimed == 1:
+        assert skipped["sizes_mismatch_dropped"] == total - len(truth) * claimed
+    else:
+        assert len(delivered) == total and sum(b.padding for b in batches) > 0
+    assert "sizes.json is wrong for" in caplog.text

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from torch import nn
 
-from vlbert_ds.train.config import load_config
-from vlbert_ds.train.engine import build_ds_config, lr_lambda, parameter_groups, read_ds_config
+from vlbert_ds.train.config import load_config, read_ds_config
+from vlbert_ds.train.engine import build_ds_config, lr_lambda, parameter_groups
 
 
 def test_yaml_with_overrides_and_types(tmp_path):
@@ -192,3 +192,106 @@ def test_finetune_print_config_resolves_the_task(capsys):
     assert main(["--task", "vcr", "--print-config", "task.train=data/vcr/train", "task.vcr_mode=qa2r"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["task"]["name"] == "vcr" and printed["task"]["vcr_mode"] == "qa2r"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("checkpoint.every=0", "checkpoint.every must be >= 1"),
+    ("data.samples_per_epoch=-5", "data.samples_per_epoch must be >= 0"),
+    ("optimizer.lr=.nan", "optimizer.lr must be a finite number > 0"),
+    ("optimizer.lr=.inf", "optimizer.lr must be a finite number > 0"),
+    ("optimizer.betas=[0.9, 1.5]", "optimizer.betas needs two values in [0, 1)"),
+    ("data.vl_per_batch=0", "data.vl_per_batch must be >= 1"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("train.ds_config=ds_configs/zero9.json", "train.ds_config: ds_configs/zero9.json not found"),
+])
+def test_every_config_error_is_found_at_load_naming_the_key(override, message, capsys):
+    from vlbert_ds.cli.pretrain import main
+
+    assert main(["--print-config", "data.prepare_default=d", "data.samples_per_epoch=64", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_broken_config_or_ds_config_file_is_named_with_its_line(tmp_path, capsys):
+    from vlbert_ds.cli.pretrain import main
+
+    bad_yaml = tmp_path / "run.yaml"
+    bad_yaml.write_text("data:\n  prepare_default: d\n  mode: [exact\ntrain: {steps: 3}\n")
+    assert main(["--config", str(bad_yaml), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {bad_yaml}: line 4" in err and "Traceback" not in err
+    bad_toml = tmp_path / "run.toml"
+    bad_toml.write_text("[data]\nprepare_default = d\n")
+    assert main(["--config", str(bad_toml), "--print-config"]) == 2
+    assert f"config file {bad_toml}" in capsys.readouterr().err
+    bad_json = tmp_path / "zero.json"
+    bad_json.write_text('{"zero_optimization": {"stage": 2,}}\n')
+    assert main(["--print-config", "data.prepare_default=d", "data.samples_per_epoch=8",
+                 f"train.ds_config={bad_json}"]) == 2
+    assert f"train.ds_config: {bad_json}: not valid JSON (line 1, column 35" in capsys.readouterr().err
+
+
+def test_a_damaged_sizes_json_is_named(tmp_path):
+    from vlbert_ds.data import storage
+
+    (tmp_path / "sizes.json").write_text('{"shard-000000.tar": 5,\n "shard-000001.tar": }')
+    with pytest.raises(ValueError, match=r"sizes\.json: not valid JSON \(line 2, column 22"):
+        storage.read_sizes([str(tmp_path / "shard-000000.tar")])
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_an_inner_one_is_named(tmp_path, caplog):
+    from vlbert_ds.train.metrics import MetricsLogger
+    from vlbert_ds.train.tracking import Tracker
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_text("\n".join(rows) + '\n{"step": 4, "lo')  # what a kill in the middle of a write leaves
+    logger = MetricsLogger(tmp_path, Tracker(enabled=False), True, 10, "t", 0)
+    logger.start(3)
+    logger.close()
+    assert path.read_text().splitlines() == rows
+    assert "dropping a torn last line" in caplog.text
+    path.write_text(rows[0] + "\n{oops\n" + rows[2] + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not a metrics row"):
+        MetricsLogger(tmp_path, Tracker(enabled=False), True, 10, "t", 0).start(3)
+
+
+def test_a_preset_with_a_bert_is_refused_instead_of_ignored(capsys):
+    from vlbert_ds.cli.pretrain import main
+
+    assert main(["--print-config", "data.prepare_default=d", "model.preset=base"]) == 2
+    assert "model.preset='base' applies only with model.bert=''" in capsys.readouterr().err
+    assert main(["--print-config", "data.prepare_default=d", "model.bert="]) == 2
+    assert "set model.preset" in capsys.readouterr().err
+    assert main(["--print-config", "data.prepare_default=d", "model.bert=", "model.preset=tiny"]) == 0
+
+
+def test_a_resumed_optimizer_takes_the_new_learning_rate_and_schedule_at_its_step():
+    import torch
+
+    from vlbert_ds.train.config import OptimizerSection
+    from vlbert_ds.train.engine import apply_optimizer_config
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    groups = parameter_groups(model, 0.01, False)
+    for group in groups:
+        group["lr"] = 1e-3
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(2, 10, "linear"))
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    restored = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(groups, lr=1e-3), lr_lambda(2, 10, "linear"))
+    restored.load_state_dict(scheduler.state_dict())  # what DeepSpeed's load_checkpoint does: the old base_lrs
+
+    class Engine:
+        lr_scheduler = restored
+
+    apply_optimizer_config(Engine, OptimizerSection(lr=1e-4, warmup_steps=2, weight_decay=0.05, betas=[0.8, 0.9]), 20)
+    expected = 1e-4 * ((20 - 4) / (20 - 2))  # linear decay over the new 20 steps, at step 4
+    assert [g["lr"] for g in restored.optimizer.param_groups] == [expected] * len(groups)
+    assert restored.get_last_lr() == [expected] * len(groups)
+    decays = {g["weight_decay"] for g in restored.optimizer.param_groups}
+    assert decays == {0.0, 0.05} and {g["betas"] for g in restored.optimizer.param_groups} == {(0.8, 0.9)}
+    restored.optimizer.step()
+    restored.step()  # the next step follows the new schedule
+    assert restored.get_last_lr()[0] == 1e-4 * ((20 - 5) / (20 - 2))

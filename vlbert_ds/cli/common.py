@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from vlbert_ds.train.checkpoint import CheckpointDiskFull
 from vlbert_ds.train.config import RunConfig, config_help, load_config
 from vlbert_ds.train.distributed import DistEnv, discover, exit_fast_on_error, init_distributed, setup_process
 from vlbert_ds.train.preemption import exit_code_after_stop
@@ -42,12 +43,15 @@ def launch(config: RunConfig, train: Callable[[DistEnv], RunResult],
     try:
         with exit_fast_on_error(dist):
             result = train(dist)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # bad input, a busy run folder
         print(f"{config.command}: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # diverged: stopped without writing a non-finite checkpoint
         print(f"{config.command}: {err}", file=sys.stderr)
         return 3
+    except CheckpointDiskFull as err:
+        print(f"{config.command}: {err.strerror}", file=sys.stderr)
+        return 4
     if result.preempted:
         return exit_code_after_stop(dist.is_main, result.stop_signal)
     if dist.is_main:

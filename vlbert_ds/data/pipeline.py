@@ -228,9 +228,14 @@ class PretrainStream(ShardStream):
         self.vl_urls = [storage.expand_urls(s.urls) for s in config.vl_sources]
         self.text_urls = [storage.expand_urls(s.urls) for s in config.text_sources]
         for spec, urls in zip(config.vl_sources + config.text_sources, self.vl_urls + self.text_urls, strict=True):
-            if not urls or not storage.exists(urls[0]):  # one request, not one per shard
-                raise ValueError(f"data source {spec.urls!r} matches no shard"
-                                 + (f" ({urls[0]} does not exist)" if urls else ""))
+            if not urls:
+                raise ValueError(f"data source {spec.urls!r} matches no shard")
+            missing = storage.missing_urls(urls)  # every shard a pattern names, one listing per folder
+            if len(missing) == len(urls):
+                raise ValueError(f"data source {spec.urls!r} matches no shard ({urls[0]} does not exist)")
+            if missing:
+                raise ValueError(f"data source {spec.urls!r}: {len(missing)} of its {len(urls)} shards do not exist "
+                                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
         self.sizes = storage.read_sizes(self.vl_urls[0]) if config.mode == "exact" else {}
         self.worker_batches = self._worker_batches()
         if check_sources:  # a training loop that already checked them skips this at every epoch
@@ -279,12 +284,19 @@ class PretrainStream(ShardStream):
     def _worker_rng(self, worker: int, stream: str) -> random.Random:
         return random.Random(f"{self.config.seed}/{self.epoch}/{self.rank}/{worker}/{stream}")
 
-    def _vl_samples(self, worker: int, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+    def _vl_samples(self, worker: int, skipped: SkipCounter, read: Counter | None = None) -> Iterator[dict[str, Any]]:
         config = self.config
         rng = self._worker_rng(worker, "vl")
         if config.mode == "exact":
             pieces = self._plan[self.rank][worker]
-            source = (s for piece in pieces for s in read_piece(piece, config, skipped))
+            read = Counter() if read is None else read
+
+            def counted(piece: ShardPiece) -> Iterator[dict[str, Any]]:
+                for sample in read_piece(piece, config, skipped):
+                    read[piece] += 1  # what the shard really holds, against what sizes.json says
+                    yield sample
+
+            source = (s for piece in pieces for s in counted(piece))
         else:
             source = self._resampled(self.vl_urls, [s.weight for s in config.vl_sources], rng, skipped)
         return shuffled(source, config.shuffle_buffer, rng)
@@ -327,6 +339,20 @@ class PretrainStream(ShardStream):
                     if sum(rejected.values()) >= MAX_REJECTED_BEFORE_FIRST:
                         raise UnusableDataError(unusable_message(sample.get("__url__", "?"), sum(rejected.values()),
                                                                  rejected, first_error)) from None
+
+    def _check_sizes(self, worker: int, rest: Iterator[VLExample], read: Counter, skipped: SkipCounter) -> None:
+        """Exact mode plans by `sizes.json`; compare with what the worker's shards held. Samples beyond the
+        plan cannot get a batch (every rank has the same count): they are counted, never dropped silently."""
+        beyond = sum(1 for _ in rest)
+        wrong = [(p, read[p]) for p in self._plan[self.rank][worker] if read[p] != p.count]
+        if beyond:
+            skipped["sizes_mismatch_dropped"] += beyond
+        if wrong:
+            skipped["sizes_mismatch"] += len(wrong)
+            log.warning("exact mode: sizes.json is wrong for %d shard(s) of worker %d (e.g. %s); %d samples beyond "
+                        "the plan were dropped this epoch, short shards were padded. Rewrite sizes.json (vlbert-prep "
+                        "writes it) or use data.mode=resampled", len(wrong), worker,
+                        ", ".join(f"{p.url}: planned {p.count}, holds {n}" for p, n in wrong[:3]), beyond)
 
     def check_sources(self) -> None:
         """Decode up to `PROBE_SAMPLES` samples of each source (from its first shards), in this process.
@@ -396,8 +422,9 @@ class PretrainStream(ShardStream):
         skipped = SkipCounter()
         total = self.worker_batches[worker]
         skip = worker_skip_counts(self.worker_batches, self.consumed)[worker]
+        read: Counter = Counter()
         vl_examples = self._examples(
-            self._vl_samples(worker, skipped), make_vl_example,
+            self._vl_samples(worker, skipped, read), make_vl_example,
             lambda s: decode_vl(s, need_features=front_end == "precomputed", need_image=front_end == "end_to_end"),
             skipped, tools)
         text_examples = self._examples(self._text_samples(worker, skipped), make_text_example, decode_text,
@@ -413,6 +440,8 @@ class PretrainStream(ShardStream):
             padding = not vl
             if vl and not filler:
                 filler = vl[:]
+            if index == total - 1 and config.mode == "exact":  # the epoch's last batch carries the tally
+                self._check_sizes(worker, vl_examples, read, skipped)
             if index < skip:  # resuming: these were delivered (and their skips reported) before the restart
                 skipped.clear()
                 continue

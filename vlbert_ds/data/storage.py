@@ -65,6 +65,22 @@ def expand_urls(spec: str) -> list[str]:
     return urls
 
 
+def missing_urls(urls: list[str]) -> list[str]:
+    """The URLs that do not exist: one listing per folder (not one request per shard)."""
+    folders: dict[str, list[str]] = {}
+    for url in urls:
+        folders.setdefault(url.rsplit("/", 1)[0] if "/" in url else ".", []).append(url)
+    missing = []
+    for folder, members in folders.items():
+        fs, path = _fs_and_path(folder)
+        try:
+            listed = {posixpath.basename(str(p).rstrip("/")) for p in fs.ls(path, detail=False)}
+        except FileNotFoundError:
+            listed = set()
+        missing += [u for u in members if posixpath.basename(u) not in listed]
+    return missing
+
+
 def read_sizes(shard_urls: list[str]) -> dict[str, int]:
     """Sample count per shard URL from each folder's `sizes.json` (missing entries are absent)."""
     folders: dict[str, list[str]] = {}
@@ -90,7 +106,12 @@ def read_json(url: str, default: Any = None) -> Any:
     if not fs.exists(path):
         return default
     with fs.open(path, "rb") as handle:
-        return json.loads(handle.read())
+        text = handle.read()
+    try:
+        return json.loads(text)
+    except ValueError as err:  # a damaged sizes.json / answers.json is named, with the place it breaks
+        where = f"line {err.lineno}, column {err.colno}: " if isinstance(err, json.JSONDecodeError) else ""
+        raise ValueError(f"{url}: not valid JSON ({where}{getattr(err, 'msg', err)})") from None
 
 
 def makedirs(url: str) -> None:

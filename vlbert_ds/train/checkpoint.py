@@ -12,7 +12,9 @@ global step, samples seen, the MLflow run id and the loss history for the final 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 
@@ -38,12 +41,45 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder, its COMPLETE marker first: a deletion cut short never leaves a folder
+    that claims to be complete."""
+    (folder / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint's files are not what was written (missing, truncated, changed)."""
+
+
+class CheckpointDiskFull(OSError):
+    """A checkpoint did not fit on its filesystem (the partial save was removed)."""
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _looks_like_no_space(err: BaseException, folder: Path) -> bool:
+    """torch.save reports ENOSPC as 'basic_ios::clear: iostream error' or 'file write failed'."""
+    if isinstance(err, OSError) and err.errno == 28:
+        return True
+    text = str(err)
+    if "No space left" in text or "iostream error" in text or "file write failed" in text:
+        return True
+    try:
+        return shutil.disk_usage(folder if folder.exists() else folder.parent).free < 16 * 2**20
+    except OSError:
+        return False
+
+
 class CheckpointManager:
     def __init__(self, directory: str, keep: int, rank: int,
-                 before_commit: Callable[[int], None] | None = None) -> None:
+                 before_commit: Callable[[int], None] | None = None, prune_before_save: bool = False) -> None:
         self.directory = Path(directory)
         self.keep, self.rank = keep, rank
         self.before_commit = before_commit
+        self.prune_before_save = prune_before_save
 
     # ------------------------------------------------------------------ reading
     def complete_tags(self) -> list[str]:
@@ -67,8 +103,14 @@ class CheckpointManager:
         path = self.directory / tag / "model_config.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def run_config(self, tag: str) -> dict[str, Any] | None:
+        """The run config the checkpoint was written under (credentials masked); None before it was saved."""
+        path = self.directory / tag / "run_config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     # ------------------------------------------------------------------ writing
-    def save(self, engine, step: int, client_state: dict[str, Any], model_config: dict[str, Any]) -> str:
+    def save(self, engine, step: int, client_state: dict[str, Any], model_config: dict[str, Any],
+             run_config: dict[str, Any] | None = None) -> str:
         import torch.distributed as dist
 
         if not weights_finite(engine):
@@ -76,28 +118,120 @@ class CheckpointManager:
                                      f"(latest stays {self.latest_tag()})")
         tag = tag_for(step)
         self.directory.mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
+        if self.prune_before_save:  # room for the new save first: only keep - 1 old ones stay during it
+            if self.rank == 0:
+                self._prune(keep_tag=tag, keep=self.keep - 1)
+            if dist.is_initialized():
+                dist.barrier()
         folder = self.directory / tag
-        torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:  # saving over a folder of the same tag (a resume after a damaged one): not complete now
+            (folder / COMPLETE).unlink(missing_ok=True)
+        failure = None
+        try:
+            engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
+            torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
+        except (RuntimeError, OSError) as err:
+            failure = err
+        self._agree_on_save(step, folder, failure)
         if self.before_commit is not None:  # fault injection: a crash between the files and COMPLETE
             self.before_commit(step)
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0:
             (folder / "model_config.json").write_text(json.dumps(model_config, indent=1, sort_keys=True))
-            _write_atomic(folder / COMPLETE, json.dumps({"step": step}))
+            if run_config is not None:
+                (folder / "run_config.json").write_text(json.dumps(run_config, indent=1))
+        files = self._checksums(folder)  # every rank hashes a share of the files
+        if self.rank == 0:
+            _write_atomic(folder / COMPLETE, json.dumps({"step": step, "files": files}, indent=1))
             _write_atomic(self.directory / LATEST, tag)
             self._prune(keep_tag=tag)
         if dist.is_initialized():
             dist.barrier()
         return tag
 
-    def _prune(self, keep_tag: str) -> None:
+    def _checksums(self, folder: Path) -> dict[str, dict[str, Any]]:
+        """{file name: {size, sha256}} of the folder, hashed in shares over the ranks (one all_gather)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()  # every file is written
+        names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != COMPLETE)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = {}
+        for name in names[self.rank :: world]:
+            with open(folder / name, "rb") as handle:
+                mine[name] = {"size": (folder / name).stat().st_size,
+                              "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+        if not dist.is_initialized():
+            return mine
+        shares: list[dict[str, Any]] = [{} for _ in range(world)]
+        dist.all_gather_object(shares, mine)
+        return {k: v for share in shares for k, v in sorted(share.items())}
+
+    def verify(self, tag: str) -> str | None:
+        """Why the checkpoint cannot be used (a file missing, truncated or changed since it was written),
+        or None. Every rank checks a share and every rank gets the same answer."""
+        import torch.distributed as dist
+
+        folder = self.directory / tag
+        try:
+            recorded = json.loads((folder / COMPLETE).read_text()).get("files")
+        except (OSError, ValueError) as err:
+            return f"its {COMPLETE} marker is unreadable ({err})"
+        problems: list[str] = []
+        if recorded is not None:  # (checkpoints of earlier versions carry no checksums)
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            for name in sorted(recorded)[self.rank :: world]:
+                path, want = folder / name, recorded[name]
+                if not path.is_file():
+                    problems.append(f"{name} is missing")
+                elif path.stat().st_size != want["size"]:
+                    problems.append(f"{name} is {path.stat().st_size} bytes, {want['size']} when written (truncated?)")
+                else:
+                    with open(path, "rb") as handle:
+                        if hashlib.file_digest(handle, "sha256").hexdigest() != want["sha256"]:
+                            problems.append(f"{name} changed since it was written (checksum mismatch)")
+        if dist.is_initialized():
+            every: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(every, problems)
+            problems = [p for share in every for p in share]
+        return "; ".join(problems) if problems else None
+
+    def _agree_on_save(self, step: int, folder: Path, failure: BaseException | None) -> None:
+        """Every rank learns whether every rank wrote its files; if one did not, the partial folder goes and
+        every rank raises (a full disk says so, with what a checkpoint needs)."""
+        import torch.distributed as dist
+
+        flags = torch.tensor([1.0 if failure else 0.0, 1.0 if failure and _looks_like_no_space(failure, folder)
+                              else 0.0], device=torch.device("cuda") if torch.cuda.is_available() else "cpu")
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0].item() == 0:
+            return
+        if self.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        previous = self.latest_tag()
+        if flags[1].item() == 0:
+            raise RuntimeError(f"step {step}: saving the checkpoint failed"
+                               + (f" on this rank: {failure}" if failure else " on another rank")
+                               + f"; the partial save was removed, latest stays {previous}")
+        usage = shutil.disk_usage(self.directory)
+        need = _folder_bytes(self.directory / previous) if previous else None
+        raise CheckpointDiskFull(
+            28, f"no space left on {self.directory} for the checkpoint of step {step} ({usage.free / 2**20:.0f} MiB "
+                f"free of {usage.total / 2**20:.0f} MiB"
+                + (f"; a checkpoint of this run takes {need / 2**20:.0f} MiB" if need else "")
+                + f"). The partial save was removed; latest stays {previous}. Free space, move checkpoint.dir, "
+                  "lower checkpoint.keep, or set checkpoint.prune_before_save=true")
+
+    def _prune(self, keep_tag: str, keep: int | None = None) -> None:
+        keep = self.keep if keep is None else keep
         tags = self.complete_tags()
-        for tag in tags[: max(0, len(tags) - self.keep)]:
+        for tag in tags[: max(0, len(tags) - keep)]:
             if tag != keep_tag:
-                shutil.rmtree(self.directory / tag, ignore_errors=True)
-                shutil.rmtree(self.directory / f"{tag}_universal", ignore_errors=True)
+                _remove(self.directory / tag)
+                _remove(self.directory / f"{tag}_universal")
         for path in self.directory.iterdir():  # partial saves from a crash: no COMPLETE, older than latest
             if path.is_dir() and not (path / COMPLETE).is_file() and path.name < keep_tag \
                     and not path.name.endswith("_universal"):
@@ -127,6 +261,32 @@ class CheckpointManager:
         if dist.is_initialized():
             dist.barrier()
         return target.name
+
+    def load_newest_usable(self, engine, model_config: dict[str, Any],
+                           load_universal: bool = False) -> tuple[str, dict[str, Any]]:
+        """Load `latest`, or, when it is damaged (a file missing, truncated or changed; weights not finite),
+        the newest older complete checkpoint that is not, with a warning. Returns (tag, client state)."""
+        latest = self.latest_tag()
+        candidates = [latest, *reversed([t for t in self.complete_tags() if t < latest])]
+        reasons = []
+        for tag in candidates:
+            problem = self.verify(tag)
+            if problem is None:
+                check_same_model(self.model_config(tag), model_config, str(self.directory / tag))
+                loaded = self.universal_tag(tag) if load_universal else tag
+                try:
+                    client_state = self.load(engine, loaded, load_universal)
+                    if weights_finite(engine):
+                        return loaded, client_state
+                    problem = "its weights hold NaN or Inf"
+                except CorruptCheckpoint as err:
+                    problem = str(err)
+            reasons.append(f"{tag}: {problem}")
+            log.warning("checkpoint %s cannot be used (%s); trying an older one", tag, problem)
+            if self.rank == 0:
+                print(f"checkpoint {tag} cannot be used: {problem}; trying an older one", flush=True)
+        raise ValueError(f"no usable checkpoint in {self.directory} ({'; '.join(reasons)}); move the folder away "
+                         "to start afresh, or set checkpoint.resume=false")
 
     def load(self, engine, tag: str, load_universal: bool = False, verify: bool = True) -> dict[str, Any]:
         if verify:
@@ -158,6 +318,7 @@ def verify_safe_to_load(folder: Path) -> None:
     """
     import importlib
     import pickle
+    import zipfile
 
     allowed = []
     for dotted in SAFE_DEEPSPEED_GLOBALS:
@@ -170,7 +331,12 @@ def verify_safe_to_load(folder: Path) -> None:
         for path in sorted(Path(folder).glob("*.pt")):
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (EOFError, OSError, zipfile.BadZipFile) as err:
+                raise CorruptCheckpoint(f"{path} is damaged ({type(err).__name__}: {err})") from err
             except (pickle.UnpicklingError, RuntimeError) as err:
+                if "Unsupported global" not in str(err) and "weights_only" not in str(err).lower():
+                    raise CorruptCheckpoint(f"{path} is damaged or truncated ({str(err).strip().splitlines()[0]})"
+                                            ) from err
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
                               first)

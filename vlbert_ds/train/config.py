@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -36,7 +38,8 @@ def option(default: Any, help: str) -> Any:
 class ModelSection:
     bert: str = option("default", "Hugging Face BERT folder for the text side ('default' = the bundled MiniLM; "
                                   "'' = build `preset` from scratch)")
-    preset: str = option("mini", "VLBertConfig preset when model.bert is '' (tiny, mini, base, large)")
+    preset: str = option("", "VLBertConfig preset (tiny, mini, base, large) to build from scratch; only with "
+                             "model.bert=''")
     visual_front_end: Literal["precomputed", "end_to_end"] = option(
         "precomputed", "region features from the shards, or the ResNet front end on the shards' images")
     num_region_classes: int = option(1601, "classes of the masked-RoI targets (1601 for bottom-up-attention)")
@@ -101,6 +104,13 @@ class TrainSection:
     log_every: int = option(10, "console line every N steps when there is no progress bar (0 = never)")
     output_dir: str = option("runs/default", "run folder: resolved config, metrics.jsonl, plots, exports")
     dist_timeout_s: float = option(600.0, "a collective waiting on a dead rank fails after this long")
+    watchdog: Literal["auto", "on", "off"] = option(
+        "auto", "stop a run whose steps stop coming (stacks dumped, MLflow marked, non-zero exit); auto = "
+                "on for multi-rank runs")
+    watchdog_factor: float = option(10.0, "watchdog: allowed silence in median step times")
+    watchdog_min_s: float = option(300.0, "watchdog: never fire after less silence than this")
+    watchdog_startup_s: float = option(1800.0, "watchdog: allowance before the first step and during checkpoint "
+                                               "saves and evaluations")
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,10 @@ class CheckpointSection:
     resume: bool = option(True, "continue from <dir>/latest when it exists")
     export: bool = option(True, "write consolidated save_pretrained weights at the end")
     load_universal: bool = option(False, "resume from a DeepSpeed universal checkpoint (another world size)")
+    force_resume: bool = option(False, "resume even though a key fixed for the run (model, data stream, seed, "
+                                       "batch) changed; the changes are recorded")
+    prune_before_save: bool = option(False, "delete the oldest checkpoint before writing a new one, so keep (not "
+                                            "keep + 1) fit on the disk; a crash mid-save then leaves keep - 1")
 
 
 @dataclass(frozen=True)
@@ -149,6 +163,32 @@ class TaskSection:
 
 
 # ----------------------------------------------------------------------------- the two run configs
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(section.key, saved value, current value) for every key whose value differs."""
+    out = []
+    for section, values in current.items():
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key, value)
+            if old != value:
+                out.append((f"{section}.{key}", old, value))
+    return out
+
+
+def resume_changes(saved: dict[str, Any] | None, config: RunConfig, where: str) -> list[tuple[str, Any, Any]]:
+    """What changed since the checkpoint at `where` was written (its `run_config.json`, credentials
+    masked); a key fixed for the run is refused, naming it, unless checkpoint.force_resume."""
+    if saved is None:
+        return []
+    changes = config_changes(saved, redact_urls(config.to_dict()))
+    fixed = [c for c in changes if c[0] in config.fixed_on_resume]
+    if fixed and not config.checkpoint.force_resume:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in fixed)
+        raise ValueError(f"resuming {where} with changed keys that are fixed for a run ({listed}): the checkpoint's "
+                         "weights, data position or batch depend on them. Restore them, start a new run (another "
+                         "train.output_dir), or set checkpoint.force_resume=true")
+    return changes
+
+
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(f"config: {message}")
@@ -159,14 +199,34 @@ class RunConfig:
     """What both commands share; use `PretrainConfig` or `FinetuneConfig`."""
 
     command: ClassVar[str] = ""
+    # Keys a resumed run may not change (the checkpoint's weights, data position or batch depend on
+    # them): refused unless checkpoint.force_resume. Any other key may change; it applies from the
+    # resumed step and is recorded.
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ("train.seed", "train.grad_accum", "train.precision")
 
     def validate(self) -> None:
         _need(self.train.steps >= 1, "train.steps must be >= 1")
         _need(self.train.grad_accum >= 1, "train.grad_accum must be >= 1")
-        _need(self.optimizer.lr > 0, "optimizer.lr must be > 0")
-        _need(len(self.optimizer.betas) == 2, "optimizer.betas needs two values")
+        _need(self.train.log_every >= 0, "train.log_every must be >= 0")
+        for key in ("watchdog_factor", "watchdog_min_s", "watchdog_startup_s"):
+            value = getattr(self.train, key)
+            _need(math.isfinite(value) and value > 0, f"train.{key} must be a finite number > 0, got {value}")
+        _need(math.isfinite(self.train.dist_timeout_s) and self.train.dist_timeout_s > 0,
+              f"train.dist_timeout_s must be a positive number of seconds, got {self.train.dist_timeout_s}")
+        optimizer = self.optimizer
+        _need(math.isfinite(optimizer.lr) and optimizer.lr > 0, f"optimizer.lr must be a finite number > 0, "
+                                                                  f"got {optimizer.lr}")
+        _need(len(optimizer.betas) == 2 and all(0 <= b < 1 for b in optimizer.betas),
+              f"optimizer.betas needs two values in [0, 1), got {optimizer.betas}")
+        _need(math.isfinite(optimizer.eps) and optimizer.eps > 0, f"optimizer.eps must be > 0, got {optimizer.eps}")
+        for key in ("weight_decay", "grad_clip", "fresh_lr_multiplier"):
+            value = getattr(optimizer, key)
+            _need(math.isfinite(value) and value >= 0, f"optimizer.{key} must be a finite number >= 0, got {value}")
+        _need(optimizer.fresh_lr_multiplier > 0, "optimizer.fresh_lr_multiplier must be > 0")
+        _need(optimizer.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
         _need(self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
-        _need(self.checkpoint.every >= 1, "checkpoint.every must be >= 1")
+        _need(self.checkpoint.every >= 1, f"checkpoint.every must be >= 1 (steps), got {self.checkpoint.every}")
+        read_ds_config(self.train.ds_config)  # exists and is JSON, before anything is built
         for key, value in self._local_paths():
             _need("://" not in value and "::" not in value,
                   f"{key} must be a local or shared-filesystem path (DeepSpeed writes checkpoints as files), "
@@ -202,6 +262,11 @@ class RunConfig:
 @dataclass(frozen=True)
 class PretrainConfig(RunConfig):
     command: ClassVar[str] = "vlbert-pretrain"
+    fixed_on_resume: ClassVar[tuple[str, ...]] = (
+        *RunConfig.fixed_on_resume, "model.preset", "model.visual_front_end", "model.num_region_classes",
+        "model.overrides", "data.vl_sources", "data.vl_weights", "data.text_sources", "data.text_weights",
+        "data.tokenizer", "data.mode", "data.samples_per_epoch", "data.vl_per_batch", "data.text_per_batch",
+        "data.num_workers", "data.shuffle_buffer", "data.max_elements", "data.text_segment_len")
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -212,12 +277,30 @@ class PretrainConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        _need(bool(self.model.bert) != bool(self.model.preset),
+              f"model.preset={self.model.preset!r} applies only with model.bert='' (the text side from scratch)"
+              if self.model.preset else "model.bert='' builds from scratch: set model.preset (tiny, mini, base, "
+                                        "large)")
         _need(bool(self.data.vl_sources) or bool(self.data.prepare_default),
               "data.vl_sources is empty (or set data.prepare_default to a folder)")
         _need(not self.data.vl_weights or len(self.data.vl_weights) == len(self.data.vl_sources),
               "data.vl_weights needs one weight per data.vl_sources entry")
         _need(not self.data.text_weights or len(self.data.text_weights) == len(self.data.text_sources),
               "data.text_weights needs one weight per data.text_sources entry")
+        data = self.data
+        _need(all(math.isfinite(w) and w > 0 for w in [*data.vl_weights, *data.text_weights]),
+              "data.vl_weights / data.text_weights must be finite numbers > 0")
+        _need(data.vl_per_batch >= 1, f"data.vl_per_batch must be >= 1, got {data.vl_per_batch}")
+        _need(data.text_per_batch >= 0, f"data.text_per_batch must be >= 0, got {data.text_per_batch}")
+        _need(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+        _need(data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
+        _need(data.max_elements >= 4, f"data.max_elements must be >= 4 ([CLS] word [SEP] + RoI 0), "
+                                      f"got {data.max_elements}")
+        _need(data.text_segment_len >= 3, f"data.text_segment_len must be >= 3, got {data.text_segment_len}")
+        _need(data.samples_per_epoch >= 0, f"data.samples_per_epoch must be >= 0, got {data.samples_per_epoch}")
+        _need(self.grounding.samples >= 1 and self.grounding.every >= 0,
+              "grounding.samples must be >= 1 and grounding.every >= 0")
+        _need(self.model.num_region_classes >= 2, "model.num_region_classes must be >= 2 (background + a class)")
 
     def _local_paths(self) -> list[tuple[str, str]]:
         return [*super()._local_paths(), ("data.prepare_default", self.data.prepare_default)]
@@ -242,6 +325,10 @@ class FinetuneModelSection:
 @dataclass(frozen=True)
 class FinetuneConfig(RunConfig):
     command: ClassVar[str] = "vlbert-finetune"
+    fixed_on_resume: ClassVar[tuple[str, ...]] = (
+        *RunConfig.fixed_on_resume, "model.num_region_classes", "model.overrides", "task.name", "task.train",
+        "task.answers", "task.vcr_mode", "task.object_classes", "task.object_classes_file", "task.batch_size",
+        "task.max_text", "data.tokenizer", "data.num_workers", "data.shuffle_buffer")
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
     task: TaskSection = field(default_factory=TaskSection)
     data: TaskDataSection = field(default_factory=TaskDataSection)
@@ -253,7 +340,11 @@ class FinetuneConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         _need(bool(self.task.train), "task.train (the task's training shards) is empty")
-        _need(self.task.batch_size >= 1, "task.batch_size must be >= 1")
+        _need(self.task.batch_size >= 1, f"task.batch_size must be >= 1, got {self.task.batch_size}")
+        _need(self.task.max_text >= 4, f"task.max_text must be >= 4, got {self.task.max_text}")
+        _need(self.task.eval_every >= 0, "task.eval_every must be >= 0")
+        _need(self.data.num_workers >= 0 and self.data.shuffle_buffer >= 0,
+              "data.num_workers and data.shuffle_buffer must be >= 0")
         _need(self.task.object_classes != "file" or bool(self.task.object_classes_file),
               "task.object_classes=file needs task.object_classes_file")
 
@@ -387,6 +478,49 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         return section, key, raw
 
 
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML or TOML mapping; a syntax error names the file, line and column."""
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ValueError(f"config file {path}: {where}{err.problem or err}") from None
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"config file {path}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def read_ds_config(path: str) -> dict[str, Any]:
+    """A DeepSpeed JSON: the path as given, else one shipped with the package (`ds_configs/zero2.json`
+    names `vlbert_ds/train/ds_configs/zero2.json`, so a non-editable install finds the defaults)."""
+    candidate = Path(path)
+    text = None
+    if candidate.is_file():
+        text = candidate.read_text()
+    elif not candidate.is_absolute():
+        shipped = resources.files("vlbert_ds.train").joinpath(*candidate.parts)
+        if shipped.is_file():
+            text = shipped.read_text()
+    if text is None:
+        known = sorted(f"ds_configs/{f.name}" for f in resources.files("vlbert_ds.train").joinpath("ds_configs")
+                       .iterdir() if f.name.endswith(".json"))
+        raise FileNotFoundError(f"train.ds_config: {path} not found (shipped: {', '.join(known)})")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"train.ds_config: {path}: not valid JSON (line {err.lineno}, column {err.colno}: "
+                         f"{err.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"train.ds_config: {path}: expected a JSON object")
+    return value
+
+
 def takes_key(kind: type[RunConfig], override: str) -> bool:
     """Whether `kind` has the `section.key` of an override (shared overrides are routed with this)."""
     section, key, _ = parse_override(override)
@@ -402,8 +536,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (),
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else (yaml.safe_load(text) or {})
+        data = _read_config_file(path)
     for override in overrides:
         section, key, value = parse_override(override)
         data.setdefault(section, {})[key] = value

@@ -182,13 +182,23 @@ def exit_fast_on_error(dist: DistEnv, code: int = 1):
         yield
     except (KeyboardInterrupt, SystemExit, ValueError, FileNotFoundError, FloatingPointError):
         raise  # bad input or divergence: every rank meets it at the same point and exits normally
+    except OSError as err:
+        if err.errno != 28:  # a full disk (CheckpointDiskFull) is agreed by every rank as well
+            _exit_now(dist, code)
+        raise
     except BaseException:
-        if dist.world_size <= 1:
-            raise
-        traceback.print_exc()
-        print(f"rank {dist.rank}: exiting at once after the error above", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(code)
+        _exit_now(dist, code)
+        raise
+
+
+def _exit_now(dist: DistEnv, code: int) -> None:
+    """Leave at once after printing the error being handled (multi-rank runs; one rank returns)."""
+    if dist.world_size <= 1:
+        return
+    traceback.print_exc()
+    print(f"rank {dist.rank}: exiting at once after the error above", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def setup_process(dist: DistEnv) -> None:

@@ -7,9 +7,6 @@ ds_config that sets any of them to a different value is an error before any step
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,21 +17,6 @@ from vlbert_ds.train.config import OptimizerSection, TrainSection
 # Keys the engine owns; a ds_config may repeat them only with the same value.
 _OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
           "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
-
-
-def read_ds_config(path: str) -> dict[str, Any]:
-    """A DeepSpeed JSON: the path as given, else one shipped with the package (`ds_configs/zero2.json`
-    names `vlbert_ds/train/ds_configs/zero2.json`, so a non-editable install finds the defaults)."""
-    candidate = Path(path)
-    if not candidate.is_file() and not candidate.is_absolute():
-        shipped = resources.files("vlbert_ds.train").joinpath(*candidate.parts)
-        if shipped.is_file():
-            return json.loads(shipped.read_text())
-    if not candidate.is_file():
-        known = sorted(f"ds_configs/{f.name}" for f in resources.files("vlbert_ds.train").joinpath("ds_configs")
-                       .iterdir() if f.name.endswith(".json"))
-        raise FileNotFoundError(f"train.ds_config: {path} not found (shipped: {', '.join(known)})")
-    return json.loads(candidate.read_text())
 
 
 def build_ds_config(train: TrainSection, optimizer: OptimizerSection, micro: int, world_size: int,
@@ -84,9 +66,27 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
         spared = (name.endswith(".bias") or id(param) in norm_params) and not decay_norm_and_bias
         is_fresh = fresh_lr_multiplier != 1.0 and name in fresh
         groups.setdefault((spared, is_fresh), []).append(param)
-    return [{"params": params, "weight_decay": 0.0 if spared else weight_decay,
+    return [{"params": params, "weight_decay": 0.0 if spared else weight_decay, "decays": not spared,
              "lr_scale": fresh_lr_multiplier if is_fresh else 1.0}
             for (spared, is_fresh), params in sorted(groups.items())]
+
+
+def apply_optimizer_config(engine, optimizer: OptimizerSection, total_steps: int) -> None:
+    """After loading a checkpoint: the optimizer settings of the *current* config (a resumed run may change
+    the learning rate, schedule, decay, betas), at the restored step. DeepSpeed restores the scheduler's
+    base learning rates and the groups' hyper-parameters from the checkpoint; this replaces them."""
+    scheduler = engine.lr_scheduler
+    factor = lr_lambda(optimizer.warmup_steps, total_steps, optimizer.schedule)
+    scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
+    for index, group in enumerate(scheduler.optimizer.param_groups):
+        scale = optimizer.fresh_lr_multiplier if group.get("lr_scale", 1.0) != 1.0 else 1.0
+        base = optimizer.lr * scale
+        decays = group.get("decays", group["weight_decay"] > 0)
+        group.update(lr_scale=scale, initial_lr=base, lr=base * factor(scheduler.last_epoch),
+                     weight_decay=optimizer.weight_decay if decays else 0.0, betas=tuple(optimizer.betas),
+                     eps=optimizer.eps)
+        scheduler.base_lrs[index] = base
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
@@ -119,20 +119,17 @@ def build_optimizer(model: nn.Module, optimizer: OptimizerSection, offload: bool
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def make_engine(model: nn.Module, train: TrainSection, optimizer_config: OptimizerSection, micro: int,
-                world_size: int, load_universal: bool = False):
-    """A DeepSpeed engine for `model`: `micro` rows per rank per micro-batch; returns (engine, ds_config)."""
+def make_engine(model: nn.Module, ds_config: dict[str, Any], optimizer_config: OptimizerSection, total_steps: int):
+    """A DeepSpeed engine for `model` from a filled DeepSpeed JSON (`build_ds_config`); returns the engine."""
     import deepspeed
 
-    ds_config = build_ds_config(train, optimizer_config, micro, world_size, read_ds_config(train.ds_config),
-                                load_universal)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     optimizer = build_optimizer(model, optimizer_config, offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(optimizer_config.warmup_steps, train.steps, optimizer_config.schedule))
+        optimizer, lr_lambda(optimizer_config.warmup_steps, total_steps, optimizer_config.schedule))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)
-    return engine, ds_config
+    return engine
 
 
 def grad_norm(engine) -> float:

@@ -4,6 +4,8 @@
     VLBERT_FAULT_NAN_LOSS_AT_STEP=N       make rank 0's loss NaN on the first micro-batch of step N
     VLBERT_FAULT_CRASH_IN_CHECKPOINT=N    exit abruptly (code 18) while saving the checkpoint of step N,
                                           after DeepSpeed wrote its files and before COMPLETE/latest
+    VLBERT_FAULT_CRASH_AFTER_COMMIT=N     exit abruptly (code 19) right after the checkpoint of step N is
+                                          committed (`latest` moved), before its metrics go to MLflow
     VLBERT_FAULT_RAISE_AT_STEP=N          raise a RuntimeError (an ordinary crash: the exit path runs) at step N
     VLBERT_FAULT_RANK=R                   only rank R injects (default: every rank for exits, rank 0 for NaN)
 
@@ -28,6 +30,7 @@ class Faults:
     crash_in_checkpoint: int = 0
     raise_at_step: int = 0
     rank: int = -1  # -1 = default per fault
+    crash_after_commit: int = 0
     _poisoned: bool = field(default=False, repr=False)
 
     @classmethod
@@ -35,7 +38,7 @@ class Faults:
         rank = os.environ.get("VLBERT_FAULT_RANK")
         return cls(_int("VLBERT_FAULT_EXIT_AFTER_STEP"), _int("VLBERT_FAULT_NAN_LOSS_AT_STEP"),
                    _int("VLBERT_FAULT_CRASH_IN_CHECKPOINT"), _int("VLBERT_FAULT_RAISE_AT_STEP"),
-                   int(rank) if rank else -1)
+                   int(rank) if rank else -1, _int("VLBERT_FAULT_CRASH_AFTER_COMMIT"))
 
     def _mine(self, rank: int, default_all: bool) -> bool:
         return rank == self.rank if self.rank >= 0 else (default_all or rank == 0)
@@ -56,6 +59,11 @@ class Faults:
         if self.crash_in_checkpoint and step == self.crash_in_checkpoint and self._mine(rank, default_all=True):
             sys.stdout.flush()
             os._exit(18)
+
+    def maybe_crash_after_commit(self, step: int, rank: int) -> None:
+        if self.crash_after_commit and step == self.crash_after_commit and self._mine(rank, default_all=True):
+            sys.stdout.flush()
+            os._exit(19)
 
     def maybe_raise(self, step: int, rank: int) -> None:
         if self.raise_at_step and step == self.raise_at_step and self._mine(rank, default_all=True):

@@ -14,6 +14,7 @@ step's metrics only when a checkpoint that covers it is committed (`commit`), an
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,7 +106,12 @@ class StepTotals:
 
 
 class MetricsLogger:
-    """The four sinks of one run; only rank 0 writes (other ranks hold a disabled logger)."""
+    """The four sinks of one run; only rank 0 writes (other ranks hold a disabled logger).
+
+    `metrics.jsonl` is the durable record: a row is written when its step ends, before any checkpoint
+    can cover it. MLflow gets a step's metrics when a checkpoint covering it is committed; a run killed
+    between the commit and that send is made whole on resume, from the file (`Tracker.log_missing`).
+    """
 
     def __init__(self, output_dir: str | Path, tracker, enabled: bool, total_steps: int, desc: str,
                  log_every: int, headline: tuple[str, ...] = ("loss",)) -> None:
@@ -118,13 +126,32 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            rows = [row for row in self.read_rows() if row["step"] <= step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            self.tracker.log_missing([(row["step"], {k: v for k, v in row.items() if k != "step"}) for row in rows])
         from tqdm import tqdm
 
         self.progress = tqdm(total=self.total_steps, initial=step, desc=self.desc, unit="step", dynamic_ncols=True,
                              file=sys.stdout, disable=None)
+
+    def read_rows(self) -> list[dict[str, Any]]:
+        """The file's rows; a torn last line (a crash mid-write) is dropped with a warning, a damaged
+        line before it is an error naming the line."""
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    raise ValueError("no integer step")
+            except ValueError as err:
+                if number == len(lines):
+                    log.warning("%s: dropping a torn last line (%d characters): %s", self.path, len(line), err)
+                    break
+                raise ValueError(f"{self.path}: line {number} is not a metrics row ({err}); "
+                                 "repair or remove the file") from None
+            rows.append(row)
+        return rows
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():

@@ -96,7 +96,7 @@ class PretrainRecipe:
                          num_region_classes=model.num_region_classes)
         if model.init_from:
             return VLBertForPretraining.from_pretrained(model.init_from, **overrides)
-        if model.bert:
+        if model.bert:  # (a preset with a BERT is refused at load: the BERT's shape is the model's)
             return VLBertForPretraining.from_bert(_tokenizer(model.bert), **overrides)
         return VLBertForPretraining(VLBertConfig.preset(model.preset, **overrides))
 

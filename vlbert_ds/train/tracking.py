@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+# Run tag: the last step whose metrics the run holds (sent atomically with them).
+SENT_TAG = "vlbert_ds.metrics_sent_through"
 
 # Never logged as params, whatever a config holds.
 _SECRET_HINTS = ("secret", "password", "token", "access_key", "credential")
@@ -86,15 +88,50 @@ class Tracker:
         """Write the buffered metrics (called when a checkpoint is committed, and at the end)."""
         if not self.enabled or not self._pending:
             return
+        self._send(self._pending)
+        self._pending.clear()
+
+    def _send(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """log_batch requests of at most 1000 values, cut between steps; each carries the tag saying through
+        which step the run has its metrics, in the same request, so the tag never runs ahead or behind."""
         import time
 
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for step, values in self._pending for k, v in values.items()]
-        for start in range(0, len(batch), 1000):
-            self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
-        self._pending.clear()
+        chunk: list[Metric] = []
+        for index, (step, values) in enumerate(rows):
+            chunk += [Metric(k, float(v), now, step) for k, v in values.items()]
+            last = index == len(rows) - 1
+            if last or len(chunk) + len(rows[index + 1][1]) > 1000:
+                self._client.log_batch(self.run_id, metrics=chunk, tags=[RunTag(SENT_TAG, str(step))])
+                chunk = []
+
+    def sent_through(self) -> int | None:
+        """The last step whose metrics the run has (None for a run that never had the tag)."""
+        value = self._client.get_run(self.run_id).data.tags.get(SENT_TAG)
+        return int(value) if value is not None else None
+
+    def log_missing(self, rows: list[tuple[int, dict[str, float]]]) -> int:
+        """Send the (step, metrics) rows the run does not have yet; returns how many values were sent.
+        A resumed run calls it with the committed rows of `metrics.jsonl`."""
+        if not self.enabled or not rows or self.run_id is None:
+            return 0
+        through = self.sent_through()
+        if through is not None:
+            missing = [(step, values) for step, values in rows if step > through]
+        else:  # a run from before the tag: compare per metric (one history request per key)
+            have = {key: {m.step for m in self._client.get_metric_history(self.run_id, key)}
+                    for key in {k for _, values in rows for k in values}}
+            missing = [(step, kept) for step, values in rows
+                       if (kept := {k: v for k, v in values.items() if step not in have[k]})]
+        if missing:
+            self._send(missing)
+            count = sum(len(values) for _, values in missing)
+            log.warning("MLflow run %s lacked the metrics of %d committed steps (%d values; a kill before they "
+                        "were sent): sent them from metrics.jsonl", self.run_id, len(missing), count)
+            return count
+        return 0
 
     def drop_pending(self) -> None:
         self._pending.clear()

@@ -26,14 +26,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from vlbert_ds.train.checkpoint import CheckpointManager, check_same_model, export_pretrained
-from vlbert_ds.train.config import RunConfig, redact_urls
+from vlbert_ds.train.checkpoint import CheckpointManager, export_pretrained
+from vlbert_ds.train.config import RunConfig, read_ds_config, redact_urls, resume_changes
 from vlbert_ds.train.distributed import DistEnv
-from vlbert_ds.train.engine import grad_norm, make_engine
+from vlbert_ds.train.engine import apply_optimizer_config, build_ds_config, grad_norm, make_engine
 from vlbert_ds.train.faults import Faults
 from vlbert_ds.train.metrics import MetricsLogger, StepAccumulator
 from vlbert_ds.train.preemption import StopRequests
+from vlbert_ds.train.run_lock import RunFolderBusy, RunLock
 from vlbert_ds.train.tracking import Tracker, resolve_uri
+from vlbert_ds.train.watchdog import Watchdog
 
 log = logging.getLogger("vlbert_ds.trainer")
 
@@ -121,11 +123,15 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.nonfinite_in_a_row = 0
         self.tracking_uri: str | None = None
+        self.lock: RunLock | None = None
+        self.changes: list[tuple[str, Any, Any]] = []
+        self.watchdog: Watchdog | None = None
 
     # ------------------------------------------------------------------------- the loop
     def train(self) -> RunResult:
         try:
             self.set_up()
+            self.start_watchdog()
             while self.state.step < self.config.train.steps:
                 metrics = self.train_step()
                 self.metrics.log(self.state.step, metrics)
@@ -135,12 +141,17 @@ class Trainer:
                 self.faults.maybe_raise(self.state.step, self.dist.rank)
                 if self.maybe_stop():
                     return self.result(preempted=True)
+                self.beat()
+            self.stop_watchdog()
             return self.finish()
         except BaseException as err:
             self.tracker.fail(err)  # an MLflow run never stays RUNNING after a crash
             raise
         finally:
+            self.stop_watchdog()
             self.stop.close()
+            if self.lock is not None:
+                self.lock.release()
             if hasattr(self, "data"):
                 self.data.close()
             if hasattr(self, "metrics"):
@@ -178,6 +189,7 @@ class Trainer:
                         ", ".join(f"{k} {v}" for k, v in totals.losses.items()))
         every = getattr(self.recipe, "eval_every", 0)
         if self.dist.is_main and every and self.state.step % every == 0:
+            self.beat("evaluate")
             metrics.update(self.recipe.evaluate(self.engine.module, self.engine.device, self.state.step, final=False))
         return metrics
 
@@ -204,10 +216,31 @@ class Trainer:
                                      f"{self.state.step + 1}: the run has diverged; resume from an earlier "
                                      "checkpoint with a lower learning rate")
 
+    def start_watchdog(self) -> None:
+        train = self.config.train
+        if train.watchdog == "on" or (train.watchdog == "auto" and self.dist.world_size > 1):
+            self.watchdog = Watchdog(train.watchdog_factor, train.watchdog_min_s, train.watchdog_startup_s,
+                                     self.dist.rank)
+            self.beat()
+
+    def beat(self, phase: str = "train") -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(self.state.step, phase, self.tracking_uri, self.state.run_id)
+
+    def stop_watchdog(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
     def save_checkpoint(self) -> None:
+        self.beat("checkpoint")
         self.state.data = self.data.state_dict()
-        self.checkpoints.save(self.engine, self.state.step, self.state.to_client_state(), self.model_config)
-        self.metrics.commit()  # metrics up to a committed checkpoint are never logged twice
+        self.checkpoints.save(self.engine, self.state.step, self.state.to_client_state(), self.model_config,
+                              redact_urls(self.config.to_dict()))
+        self.faults.maybe_crash_after_commit(self.state.step, self.dist.rank)
+        # Metrics up to a committed checkpoint go to MLflow now; if the process dies before this, the
+        # resumed run sends them from metrics.jsonl (MetricsLogger.start), so none is lost or doubled.
+        self.metrics.commit()
 
     def maybe_checkpoint(self) -> None:
         if self.state.step % self.config.checkpoint.every == 0 or self.state.step == self.config.train.steps:
@@ -234,19 +267,24 @@ class Trainer:
         config, dist, recipe = self.config, self.dist, self.recipe
         torch.manual_seed(config.train.seed + dist.rank)
         self.output.mkdir(parents=True, exist_ok=True)
+        self.take_run_folder()
         if dist.is_main:
             print("resolved config:\n" + config.to_yaml(), flush=True)
             (self.output / "resolved_config.yaml").write_text(config.to_yaml())
+        # The DeepSpeed JSON first: a contradiction with the run config is an error before any model is built.
+        ds_config = build_ds_config(config.train, config.optimizer, recipe.micro_batch_size(), dist.world_size,
+                                    read_ds_config(config.train.ds_config), config.checkpoint.load_universal)
+        self.checkpoints = CheckpointManager(
+            config.checkpoint_dir, config.checkpoint.keep, dist.rank,
+            before_commit=lambda step: self.faults.maybe_crash_in_checkpoint(step, dist.rank),
+            prune_before_save=config.checkpoint.prune_before_save)
+        self.changes = self.check_resume_config()  # before anything is built
         recipe.prepare(dist)
         model = recipe.build_model()
         if dist.is_main and getattr(model, "load_report", None) is not None:
             print(model.load_report.summary(), flush=True)
         self.model_config = model.config.to_dict()
-        self.engine, ds_config = make_engine(model, config.train, config.optimizer, recipe.micro_batch_size(),
-                                             dist.world_size, config.checkpoint.load_universal)
-        self.checkpoints = CheckpointManager(
-            config.checkpoint_dir, config.checkpoint.keep, dist.rank,
-            before_commit=lambda step: self.faults.maybe_crash_in_checkpoint(step, dist.rank))
+        self.engine = make_engine(model, ds_config, config.optimizer, config.train.steps)
         self.resume()
         self.start_tracking(ds_config)
         self.data = recipe.open_data(dist)
@@ -257,18 +295,47 @@ class Trainer:
         self.metrics.start(self.state.step)
         self.engine.train()
 
-    def resume(self) -> None:
+    def take_run_folder(self) -> None:
+        """Rank 0 locks the output folder (one run per folder); every rank learns whether it did."""
+        import torch.distributed as tdist
+
+        refused = None
+        if self.dist.is_main:
+            self.lock = RunLock(self.output)
+            try:
+                self.lock.acquire()
+            except RunFolderBusy as err:
+                refused = err
+        flag = torch.tensor([0.0 if refused else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
+        if tdist.is_initialized():
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+        if refused is not None:
+            raise refused
+        if flag.item() == 0:
+            raise RunFolderBusy(f"rank 0 found {self.output} in use by another run")
+
+    def check_resume_config(self) -> list[tuple[str, Any, Any]]:
+        """The keys changed since the checkpoint this run resumes from (fixed ones are refused)."""
         config = self.config
         tag = self.checkpoints.latest_tag() if config.checkpoint.resume else None
-        if tag is None:
+        saved = self.checkpoints.run_config(tag) if tag else None
+        return resume_changes(saved, config, str(Path(config.checkpoint_dir) / str(tag)))
+
+    def resume(self) -> None:
+        """The newest usable checkpoint into the engine (`latest`, else the newest older one that verifies)."""
+        config = self.config
+        if not config.checkpoint.resume or self.checkpoints.latest_tag() is None:
             return
-        check_same_model(self.checkpoints.model_config(tag), self.model_config, str(Path(config.checkpoint_dir) / tag))
-        if config.checkpoint.load_universal:
-            tag = self.checkpoints.universal_tag(tag)
-        self.state = TrainState.from_client_state(self.checkpoints.load(self.engine, tag,
-                                                                        config.checkpoint.load_universal))
+        tag, client_state = self.checkpoints.load_newest_usable(self.engine, self.model_config,
+                                                                config.checkpoint.load_universal)
+        self.state = TrainState.from_client_state(client_state)
+        if any(key.startswith("optimizer.") or key == "train.steps" for key, _, _ in self.changes):
+            apply_optimizer_config(self.engine, config.optimizer, config.train.steps)
         if self.dist.is_main:
             print(f"resumed from {tag}: step {self.state.step}, data position {self.state.data}", flush=True)
+            for key, old, new in self.changes:
+                print(f"  changed since that checkpoint: {key} {old!r} -> {new!r} (from step {self.state.step + 1})",
+                      flush=True)
 
     def start_tracking(self, ds_config: dict[str, Any]) -> None:
         """MLflow on rank 0, re-attached to the checkpoint's run."""
@@ -282,6 +349,11 @@ class Trainer:
         self.tracker.log_params({**config.flat(), "world_size": self.dist.world_size})
         self.tracker.log_text(config.to_yaml(), "config/resolved_config.yaml")
         self.tracker.log_text(json.dumps(ds_config, indent=2), "config/ds_config.json")
+        if self.changes:  # MLflow params keep the first value: the changes are tags with the step they took effect
+            step = self.state.step + 1
+            self.tracker.set_tags({f"vlbert_ds.changed_at_step_{step}.{key}": f"{old!r} -> {new!r}"[:5000]
+                                   for key, old, new in self.changes})
+            self.tracker.log_text(config.to_yaml(), f"config/resolved_config_from_step_{step}.yaml")
         print(f"MLflow run {self.tracker.run_id} at {redact_urls(self.tracking_uri)}", flush=True)
 
     def finish(self) -> RunResult:
