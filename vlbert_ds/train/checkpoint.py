@@ -1,13 +1,17 @@
-"""Checkpoints that never leave `latest` pointing at a partial save, and carry everything to resume.
+"""Checkpoints that never leave `latest` pointing at a partial or damaged save, and carry everything to resume.
 
 Layout of `<dir>`: one folder per tag (`step00000200/`) with DeepSpeed's files (all ranks call
-`save_checkpoint`), our `rng_rank{r}.pt` per rank, `model_config.json`, and `COMPLETE` written by
-rank 0 after a barrier once every rank has finished. Only then is `latest` replaced (temporary file
-+ rename), and old tags beyond `keep` are deleted. DeepSpeed's own `latest` write (open + write)
-could be cut in half by a crash; ours cannot. A tag without `COMPLETE` is ignored.
+`save_checkpoint`), our `rng_rank{r}.pt` per rank, `model_config.json`, `run_config.json` (the run
+config it was written under, credentials masked), and `COMPLETE` written by rank 0 once every rank
+has finished, holding the size and SHA-256 of every file (the ranks hash it in shares). Only then is
+`latest` replaced (temporary file + rename), and old tags beyond `keep` are deleted (their `COMPLETE`
+first). DeepSpeed's own `latest` write (open + write) could be cut in half by a crash; ours cannot.
+A tag without `COMPLETE` is ignored; on resume a tag whose files do not match their checksums, or
+whose weights are not finite, is passed over for the newest older one that is whole. A save that does
+not fit on the disk is removed and reported as such (`CheckpointDiskFull`).
 
-The DeepSpeed `client_state` carries the data position (epoch, micro-batches consumed in it), the
-global step, samples seen, the MLflow run id and the loss history for the final plot.
+The DeepSpeed `client_state` carries the data stream's position (its `state_dict()`), the global step,
+samples seen, the MLflow run id and the loss history for the final plot.
 """
 
 from __future__ import annotations
