@@ -83,11 +83,16 @@ def _start(spec: dict, tmp: Path, name: str) -> tuple[subprocess.Popen, Path]:
     return process, log
 
 
-def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_taken_over(default_data, tmp_path):
+def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_taken_over(default_data, tmp_path,
+                                                                                        mlflow_server):
+    """Also the real-SIGKILL case of the metrics records: the whole process group killed mid-run."""
+    from mlflow.tracking import MlflowClient
+
     out = tmp_path / "run"
     spec = {"overrides": [*COMMON, f"data.vl_sources=[{default_data}/vl/train]", "train.steps=40",
                           f"data.text_sources=[{default_data}/text/train]", f"train.output_dir={out}",
-                          "checkpoint.every=4", "tracking.enabled=false"]}
+                          "checkpoint.every=4", "tracking.enabled=true", f"tracking.uri={mlflow_server.uri}",
+                          "tracking.experiment=busy-folder"]}
     first, first_log = _start(spec, tmp_path, "first")
     try:
         deadline = time.time() + 600
@@ -96,9 +101,10 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_take
             time.sleep(0.5)
         holder = json.loads((out / ".vlbert_ds.lock").read_text())
         assert holder["pid"] == first.pid
-        second, ranks = run_ranks(spec, 1, tmp_path, expect_ok=False)
-        assert ranks[0].returncode == 2 and second is None
-        assert f"is in use by another run (host {holder['host']} pid {first.pid}" in ranks[0].stdout
+        second = _pretrain_cli(spec["overrides"])  # as a user would start it
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"is in use by another run (host {holder['host']} pid {first.pid}" in second.stderr
+        assert "weights from" not in second.stdout  # refused before the model was built
         assert first.poll() is None  # the first run goes on, untouched
         os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock
         first.wait(timeout=60)
@@ -111,7 +117,11 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_take
         in ranks[0].stdout
     assert "resumed from step" in ranks[0].stdout and sorted(int(s) for s in report["step_losses"])[-1] == 40
     assert not (out / ".vlbert_ds.lock").exists()  # released at the end
-    assert [r["step"] for r in _rows(out)] == list(range(1, 41))
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    history = MlflowClient(mlflow_server.uri).get_metric_history(report["run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, 41))  # the SIGKILL lost no metric, doubled none
+    assert all(abs({m.step: m.value for m in history}[r["step"]] - r["loss"]) < 1e-9 for r in rows)
 
 
 def _pretrain_cli(overrides: list[str]) -> subprocess.CompletedProcess:

@@ -295,3 +295,9 @@ def test_a_resumed_optimizer_takes_the_new_learning_rate_and_schedule_at_its_ste
     restored.optimizer.step()
     restored.step()  # the next step follows the new schedule
     assert restored.get_last_lr()[0] == 1e-4 * ((20 - 5) / (20 - 2))
+
+
+def test_on_and_off_stay_choices_although_yaml_reads_them_as_booleans(tmp_path):
+    assert load_config(None, ["data.prepare_default=d", "train.watchdog=on"]).train.watchdog == "on"
+    (tmp_path / "run.yaml").write_text("data: {prepare_default: d}\ntrain: {watchdog: off}\n")
+    assert load_config(tmp_path / "run.yaml").train.watchdog == "off"

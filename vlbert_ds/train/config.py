@@ -374,6 +374,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return value
     if hint is Literal:  # a closed choice: refused before anything is built, naming the choices
         allowed = typing.get_args(annotation)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         if value not in allowed:
             raise ValueError(f"config: {where} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
         return value

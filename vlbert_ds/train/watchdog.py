@@ -123,9 +123,11 @@ def watch(pid: int, path: Path, factor: float, min_s: float, startup_s: float) -
         os.kill(pid, signal.SIGCONT)  # a stopped process handles no signal but this one and SIGKILL
         os.kill(pid, signal.SIGUSR2)  # faulthandler: every thread's stack to the trainer's stderr
         time.sleep(3.0)
+        os.kill(pid, signal.SIGSTOP)  # still now: it writes nothing more while the run is marked
+        for stale in (path, path.with_name(path.name + ".tmp")):
+            stale.unlink(missing_ok=True)  # the trainer cannot clean up after a SIGKILL
         _mark_mlflow(info, reason)
-        os.kill(pid, signal.SIGKILL)
-        path.unlink(missing_ok=True)  # the trainer cannot clean up after a SIGKILL
+        os.kill(pid, signal.SIGKILL)  # (this watcher dies with it: parent-death signal)
         return 1
     return 0
 
