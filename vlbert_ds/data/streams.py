@@ -10,6 +10,7 @@ hands out into the stream's position, and starts DataLoader workers without movi
 
 from __future__ import annotations
 
+import abc
 import logging
 import random
 import re
@@ -115,7 +116,7 @@ def shuffled(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -
 
 
 # ----------------------------------------------------------------------------- the resumable stream
-class ShardStream(IterableDataset):
+class ShardStream(IterableDataset, abc.ABC):
     """One rank's batches from shards, made by `num_workers` DataLoader workers, with a resumable position.
 
     Subclasses say where a worker starts (`__iter__`, reading the position set by `load_state_dict`
@@ -134,18 +135,20 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return info.id if info is not None else 0
 
+    @abc.abstractmethod
     def next_epoch(self) -> None:
         """Move to the beginning of the next epoch (this one ran out)."""
-        raise NotImplementedError
 
     def advance(self, item: Any) -> None:
         """Record that `item` was handed to the trainer."""
 
+    @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The position after the last batch handed to the trainer (`advance`)."""
 
+    @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Make the workers start at a saved position."""
 
 
 class ResumableLoader:

@@ -86,10 +86,17 @@ class RunResult:
 class Batches(Protocol):
     """What a recipe's data is: an endless iterator with a resumable position (data.ResumableLoader)."""
 
-    def __next__(self) -> Any: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...  # stop loader workers
+    def __next__(self) -> Any:
+        """The next micro-batch's loader item."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last item returned (saved in checkpoints)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position."""
+
+    def close(self) -> None:
+        """Stop loader workers now."""
 
 
 class Recipe(Protocol):
@@ -101,14 +108,29 @@ class Recipe(Protocol):
     headline: tuple[str, ...]  # metrics shown on the progress bar
     throughput: dict[str, str]  # counts logged as rates, e.g. {"samples": "samples_per_s"}
 
-    def prepare(self, dist: DistEnv) -> None: ...  # check inputs before the model is built
-    def build_model(self) -> nn.Module: ...
-    def micro_batch_size(self) -> int: ...  # rows per rank per micro-batch (DeepSpeed's)
-    def open_data(self, dist: DistEnv) -> Batches: ...
-    def model_input(self, item: Any) -> Any: ...  # the loader's item -> what the model takes
-    def count(self, item: Any, model_input: Any, step: StepAccumulator) -> None: ...  # rows, skips, ...
-    def evaluate(self, model: nn.Module, device: torch.device, step: int, final: bool) -> dict[str, float]: ...
-    def write_outputs(self, trainer: Trainer, final: dict[str, float]) -> None: ...  # rank 0, at the end
+    def prepare(self, dist: DistEnv) -> None:
+        """Check the inputs (sources, vocabularies) before the model is built."""
+
+    def build_model(self) -> nn.Module:
+        """The model to train (from BERT, a pretraining folder or a preset)."""
+
+    def micro_batch_size(self) -> int:
+        """Rows per rank per micro-batch (DeepSpeed's micro batch)."""
+
+    def open_data(self, dist: DistEnv) -> Batches:
+        """This rank's endless, resumable batches."""
+
+    def model_input(self, item: Any) -> Any:
+        """The loader's item -> what the model takes."""
+
+    def count(self, item: Any, model_input: Any, step: StepAccumulator) -> None:
+        """Add the item's counts (rows, tokens, skipped samples) to the step."""
+
+    def evaluate(self, model: nn.Module, device: torch.device, step: int, final: bool) -> dict[str, float]:
+        """Evaluation metrics (rank 0), during the run and at its end."""
+
+    def write_outputs(self, trainer: Trainer, final: dict[str, float]) -> None:
+        """The recipe's own outputs at the end (rank 0): plots, validation files."""
 
 
 class Trainer:
