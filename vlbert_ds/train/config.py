@@ -199,9 +199,10 @@ class RunConfig:
     """What both commands share; use `PretrainConfig` or `FinetuneConfig`."""
 
     command: ClassVar[str] = ""
-    # Keys a resumed run may not change (the checkpoint's weights, data position or batch depend on
-    # them): refused unless checkpoint.force_resume. Any other key may change; it applies from the
-    # resumed step and is recorded.
+    # Keys a resumed run may not change (the checkpoint's data position or batch depend on them):
+    # refused unless checkpoint.force_resume. The model's shape is checked against the checkpoint's
+    # model_config.json instead (checkpoint.check_same_model, naming the field). Any other key may
+    # change; it applies from the resumed step and is recorded.
     fixed_on_resume: ClassVar[tuple[str, ...]] = ("train.seed", "train.grad_accum", "train.precision")
 
     def validate(self) -> None:
@@ -263,10 +264,10 @@ class RunConfig:
 class PretrainConfig(RunConfig):
     command: ClassVar[str] = "vlbert-pretrain"
     fixed_on_resume: ClassVar[tuple[str, ...]] = (
-        *RunConfig.fixed_on_resume, "model.preset", "model.visual_front_end", "model.num_region_classes",
-        "model.overrides", "data.vl_sources", "data.vl_weights", "data.text_sources", "data.text_weights",
-        "data.tokenizer", "data.mode", "data.samples_per_epoch", "data.vl_per_batch", "data.text_per_batch",
-        "data.num_workers", "data.shuffle_buffer", "data.max_elements", "data.text_segment_len")
+        *RunConfig.fixed_on_resume, "model.visual_front_end", "data.vl_sources", "data.vl_weights",
+        "data.text_sources", "data.text_weights", "data.tokenizer", "data.mode", "data.samples_per_epoch",
+        "data.vl_per_batch", "data.text_per_batch", "data.num_workers", "data.shuffle_buffer", "data.max_elements",
+        "data.text_segment_len")
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -326,7 +327,7 @@ class FinetuneModelSection:
 class FinetuneConfig(RunConfig):
     command: ClassVar[str] = "vlbert-finetune"
     fixed_on_resume: ClassVar[tuple[str, ...]] = (
-        *RunConfig.fixed_on_resume, "model.num_region_classes", "model.overrides", "task.name", "task.train",
+        *RunConfig.fixed_on_resume, "task.name", "task.train",
         "task.answers", "task.vcr_mode", "task.object_classes", "task.object_classes_file", "task.batch_size",
         "task.max_text", "data.tokenizer", "data.num_workers", "data.shuffle_buffer")
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
