@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlbert_ds.data import ExampleConfig, LoaderConfig, PretrainStream, SourceSpec, build_loader
-from vlbert_ds.data.pipeline import plan_exact_epoch, worker_skip_counts
+from vlbert_ds.data import ExampleConfig, LoaderConfig, PretrainStream, ResumableLoader, SourceSpec, build_loader
+from vlbert_ds.data.pipeline import plan_exact_epoch
+from vlbert_ds.data.streams import worker_loader
 from vlbert_ds.model import VLBertConfig, VLBertForPretraining
 
 
@@ -25,13 +26,10 @@ def _config(data, minilm_folder, **overrides) -> LoaderConfig:
     return LoaderConfig(**base)
 
 
-def _epoch(config, rank=0, world=1, epoch=0, consumed=0, workers=True):
-    if not workers:
-        stream = PretrainStream(config, rank, world)
-        stream.set_epoch(epoch, consumed)
-        return list(stream)
-    _, loader = build_loader(config, rank, world, epoch, consumed)
-    return list(loader)
+def _epoch(config, rank=0, world=1, epoch=0, workers=True):
+    stream = PretrainStream(config, rank, world)
+    stream.set_epoch(epoch)
+    return list(worker_loader(stream, stream.loader_workers)) if workers else list(stream)
 
 
 def test_exact_epoch_two_ranks_two_workers_sees_every_sample_once(default_data, minilm_folder):
@@ -75,8 +73,8 @@ def test_fewer_shards_than_slots_and_uneven_shards(default_data, minilm_folder, 
     config = _config(default_data, minilm_folder, vl_sources=[SourceSpec(str(folder))], vl_per_batch=4)
     plan = plan_exact_epoch([str(folder / n) for n in sorted(p.name for p in folder.glob("*.tar"))],
                             {str(folder / k): v for k, v in json.loads((folder / "sizes.json").read_text()).items()},
-                            2, 2, 0, config.seed)
-    assert all(sum(p.count for p in slot) > 0 for rank in plan for slot in rank)
+                            8, 0, config.seed)  # 2 ranks x 4 readers per micro-batch slot
+    assert all(sum(p.count for p in pieces) > 0 for pieces in plan)
     per_rank = [_epoch(config, rank, 2) for rank in range(2)]
     seen = [k for batches in per_rank for b in batches for k in b.keys]
     assert len(seen) == 47 and len(set(seen)) == 47
@@ -86,7 +84,15 @@ def test_fewer_shards_than_slots_and_uneven_shards(default_data, minilm_folder, 
 def test_resume_mid_epoch_continues_the_same_stream(default_data, minilm_folder):
     config = _config(default_data, minilm_folder, vl_per_batch=6)
     full = _epoch(config)
-    resumed = _epoch(config, consumed=5)
+    first = ResumableLoader(PretrainStream(config))
+    for _ in range(5):
+        next(first)
+    state = first.state_dict()
+    first.close()
+    again = ResumableLoader(PretrainStream(config))
+    again.load_state_dict(state)
+    resumed = [next(again) for _ in range(len(full) - 5)]
+    again.close()
     assert [b.keys for b in resumed] == [b.keys for b in full[5:]]
     for a, b in zip(full[5:], resumed, strict=True):
         assert torch.equal(a.batch.input_ids, b.batch.input_ids)
@@ -97,13 +103,6 @@ def test_resume_mid_epoch_continues_the_same_stream(default_data, minilm_folder)
 def test_without_workers_the_order_matches_the_dataloader(default_data, minilm_folder):
     config = _config(default_data, minilm_folder)
     assert [b.keys for b in _epoch(config)] == [b.keys for b in _epoch(config, workers=False)]
-
-
-def test_worker_skip_counts_follow_round_robin():
-    assert worker_skip_counts([3, 1], 3) == [2, 1]
-    assert worker_skip_counts([3, 1], 4) == [3, 1]
-    with pytest.raises(ValueError, match="past the end"):
-        worker_skip_counts([3, 1], 5)
 
 
 def test_resampled_mode_weights_and_epoch_length(default_data, minilm_folder):
@@ -141,6 +140,9 @@ def _corrupt_copy(src, dst):
         add("bad_pickle.pickle", b"\x80\x04K\x01.")
         add("bad_garbage.json", b"{not json")
         add("../escape.json", b"{}")
+    sizes = json.loads((dst / "sizes.json").read_text())  # the appended samples are listed, as a writer would
+    sizes["shard-000003.tar"] += 3
+    (dst / "sizes.json").write_text(json.dumps(sizes))
 
 
 def test_corrupt_and_truncated_shards_do_not_stop_a_run(default_data, minilm_folder, tmp_path):
@@ -279,6 +281,9 @@ def test_bad_images_missing_members_and_long_captions_are_counted_never_fatal(de
             if with_boxes:
                 add(f"{key}.boxes.npy", boxes.getvalue())
             add(f"{key}.jpg", jpeg)
+    sizes = json.loads((folder / "sizes.json").read_text())  # listed, as a writer would
+    sizes["shard-000002.tar"] += 4
+    (folder / "sizes.json").write_text(json.dumps(sizes))
     config = _config(default_data, minilm_folder, vl_sources=[SourceSpec(str(folder))], num_workers=0,
                      example=ExampleConfig(num_region_classes=25, visual_front_end="end_to_end"))
     batches = _epoch(config, workers=False)

@@ -2,8 +2,9 @@
 resumable position.
 
 `ShardStream` is the base of `PretrainStream` (pipeline.py) and `TaskStream` (task_batches.py): one
-rank's batches, produced by `num_workers` DataLoader workers, whose position is a small dict saved in
-checkpoints (`state_dict()` / `load_state_dict()`, torchdata's `StatefulDataLoader` convention).
+rank's batches in the global order of `elastic.py`, produced by DataLoader workers, whose position is
+a small world-size free dict saved in checkpoints (`state_dict()` / `load_state_dict()`, torchdata's
+`StatefulDataLoader` convention; each rank knows its part, `merge_states` joins them).
 `ResumableLoader` is what a training loop iterates: it runs epoch after epoch, records every batch it
 hands out into the stream's position, and starts DataLoader workers without moving torch's global RNG.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import random
 import re
 import signal
 from collections import Counter
@@ -85,7 +85,8 @@ def _group_samples(stream, url: str, skipped: SkipCounter) -> Iterator[dict[str,
         yield current
 
 
-def read_piece(piece: ShardPiece, config: ReadSettings, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+def read_indexed(piece: ShardPiece, config: ReadSettings, skipped: SkipCounter) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index in the shard, sample) of the piece's samples, in shard order; an unreadable shard yields none."""
     try:
         stream = storage.ResumableReader(piece.url, config.shard_open_attempts, config.shard_retry_delay,
                                          on_retry=lambda url, err: skipped.update(["shard_read_retry"]))
@@ -96,23 +97,12 @@ def read_piece(piece: ShardPiece, config: ReadSettings, skipped: SkipCounter) ->
     with stream:
         for index, sample in enumerate(_group_samples(stream, piece.url, skipped)):
             if index % piece.stride == piece.offset:
-                yield sample
+                yield index, sample
 
 
-def shuffled(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-    """A shuffle buffer over undecoded samples (bytes stay small; decoding happens after)."""
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[dict[str, Any]] = []
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) >= size:
-            index = rng.randrange(len(buffer))
-            buffer[index], buffer[-1] = buffer[-1], buffer[index]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
+def read_piece(piece: ShardPiece, config: ReadSettings, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+    for _, sample in read_indexed(piece, config, skipped):
+        yield sample
 
 
 # ----------------------------------------------------------------------------- the resumable stream
@@ -143,12 +133,19 @@ class ShardStream(IterableDataset, abc.ABC):
         """Record that `item` was handed to the trainer."""
 
     @abc.abstractmethod
+    def local_state(self) -> dict[str, Any]:
+        """This rank's part of the position after the last batch handed to the trainer (`advance`)."""
+
+    @abc.abstractmethod
+    def merge_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Every rank's `local_state()` -> the global, world-size free position saved in checkpoints."""
+
     def state_dict(self) -> dict[str, Any]:
-        """The position after the last batch handed to the trainer (`advance`)."""
+        return self.merge_states([self.local_state()])
 
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Make the workers start at a saved position."""
+        """Make the workers start at a saved global position (saved on any world size)."""
 
 
 class ResumableLoader:
@@ -187,7 +184,16 @@ class ResumableLoader:
         return iterator
 
     def state_dict(self) -> dict[str, Any]:
-        return self.stream.state_dict()
+        """The global position; with several ranks every rank must call it (one all-gather)."""
+        import torch.distributed as dist
+
+        local = self.stream.local_state()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, local)
+        else:
+            states = [local]
+        return self.stream.merge_states(states)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.close()

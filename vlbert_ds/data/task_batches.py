@@ -10,6 +10,7 @@ object tags rendered as words whose visual part is that object's RoI), `[CLS] ex
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from vlbert_ds.data import storage
 from vlbert_ds.data.boxes import with_image_roi
+from vlbert_ds.data.elastic import DEFAULT_READERS_PER_SLOT, Layout, ReaderSamples
 from vlbert_ds.data.examples import TokenizerTools
 from vlbert_ds.data.schema import TASK_KINDS, SampleError, TaskRecord, decode_task
 from vlbert_ds.data.streams import (
@@ -28,8 +31,8 @@ from vlbert_ds.data.streams import (
     ShardPiece,
     ShardStream,
     SkipCounter,
+    read_indexed,
     read_piece,
-    shuffled,
 )
 from vlbert_ds.model.geometry import box_iou_pixels
 from vlbert_ds.model.inputs import VLBatch
@@ -56,6 +59,8 @@ class TaskDataConfig:
     shuffle_buffer: int = 256
     seed: int = 12345
     train: bool = True  # training drops VQA items with no answer in the vocabulary
+    readers: int = 0  # logical readers (0: 4 per micro-batch slot of a step); fixed for a run
+    reset_position: bool = False  # a saved position of another data config: start a fresh pass instead
 
     def validate(self) -> None:
         if self.task not in TASK_KINDS:
@@ -252,113 +257,192 @@ def collate_task(examples: list[TaskExample], task: str) -> TaskBatch:
 
 
 class TaskStream(ShardStream):
-    """Micro-batches of one rank: shards split over ranks and workers (samples when shards are few).
+    """Micro-batches of one rank, in the global order of `elastic` (training), or one ordered pass (evaluation).
 
-    Training streams run for ever, each worker from epoch to epoch on its own, and a DataLoader takes
-    their batches in turn, so batch i of a rank is worker i % W's batch i // W. The position is how
-    many batches the rank has used and, per worker, the epoch and how many shuffled samples of it
-    that worker has consumed; a resumed worker re-reads those samples without decoding them.
+    Training: each logical reader runs epoch after epoch on its own: its share of the shards (shuffled
+    with seed + epoch, split over the readers, by sample stride when shards are few) through its own
+    shuffle buffer, `batch_size` usable items a batch, a batch never spanning two of its epochs. The
+    position is the global micro-batch count and each reader's (epoch, shuffled samples taken); it
+    continues on any world size dividing the run's micro-batches per step.
     """
 
     def __init__(self, spec: str, config: TaskDataConfig, rank: int = 0, world_size: int = 1,
-                 loop: bool = True) -> None:
+                 loop: bool = True, grad_accum: int = 1, layout: Layout | None = None) -> None:
         super().__init__(rank, world_size, config.num_workers)
         config.validate()
         self.urls = storage.expand_urls(spec)
         if not self.urls:
             raise FileNotFoundError(f"no shards at {spec}")
         self.config, self.loop = config, loop
-        self.skipped = SkipCounter()
-        self.delivered = 0  # batches handed to the trainer, all epochs
-        self.workers: list[tuple[int, int]] = [(0, 0)] * self.num_workers  # per worker: (epoch, samples taken)
-        self._start = (self.delivered, list(self.workers))  # where the workers begin
+        self.sizes: dict[str, int] = {}
+        if loop:
+            self.sizes = storage.read_sizes(self.urls)
+            for url in (u for u in self.urls if u not in self.sizes):
+                log.warning("no sizes.json entry for %s: counting its samples", url)
+                self.sizes[url] = sum(1 for _ in read_indexed(ShardPiece(url, -1), _READ, SkipCounter()))
+        self.layout = layout or self._fresh_layout(world_size, grad_accum)
+        self.grad_accum = self.layout.grad_accum(world_size)
+        self.loader_workers = self.layout.loader_workers(world_size, config.num_workers) if loop else 0
+        if loop and sum(self.sizes.values()) < self.layout.readers * config.batch_size:
+            raise ValueError(f"{spec}: {sum(self.sizes.values())} items cannot give each of the "
+                             f"{self.layout.readers} logical readers a batch of {config.batch_size}: lower "
+                             "data.readers or task.batch_size")
+        self.fingerprint = {"shards": spec, "task": config.task, "vcr_mode": config.vcr_mode,
+                            "max_text": config.max_text, "batch_size": config.batch_size, "seed": config.seed,
+                            "shuffle_buffer": config.shuffle_buffer, "micro_batches_per_step": self.layout.slots,
+                            "readers": self.layout.readers}
+        self.start_item, self.start_readers = 0, {}  # where the workers begin
+        self.items, self.readers = 0, {}  # after the last batch handed to the trainer
 
-    def _pieces(self, worker: int, workers: int, epoch: int) -> list[ShardPiece]:
-        readers, reader = self.world_size * workers, self.rank * workers + worker
-        urls = list(self.urls)
-        if self.config.train:
-            random.Random(self.config.seed + epoch).shuffle(urls)
+    def _fresh_layout(self, world_size: int, grad_accum: int) -> Layout:
+        """`data.readers`, or up to 4 readers per micro-batch slot, fewer for a small task set (each reader
+        needs a batch an epoch): it depends on the data and the global batch, not on the world size."""
+        if self.config.readers:
+            return Layout.for_run(world_size, grad_accum, self.config.readers)
+        slots = world_size * grad_accum
+        per_slot = max(1, min(DEFAULT_READERS_PER_SLOT, sum(self.sizes.values()) // (self.config.batch_size * slots)))
+        return Layout(slots, slots * per_slot)
+
+    def reader_pieces(self, reader: int, epoch: int) -> list[ShardPiece]:
+        urls = [u for u in sorted(self.urls) if self.sizes.get(u, 0) > 0]
+        random.Random(self.config.seed + epoch).shuffle(urls)
+        readers = self.layout.readers
         if len(urls) >= readers:
-            return [ShardPiece(url, 0) for url in urls[reader::readers]]
-        return [ShardPiece(url, 0, readers, reader) for url in urls]  # every `readers`-th sample of each
-
-    def _samples(self, worker: int, epoch: int) -> Iterator[dict[str, Any]]:
-        samples: Iterator[dict[str, Any]] = (s for piece in self._pieces(worker, self.num_workers, epoch)
-                                             for s in read_piece(piece, _READ, self.skipped))
-        if self.config.train:
-            samples = shuffled(samples, self.config.shuffle_buffer, random.Random(
-                f"{self.config.seed}/{epoch}/{self.rank}/{worker}"))
-        return samples
+            return [ShardPiece(url, self.sizes[url]) for url in urls[reader::readers]]
+        return [ShardPiece(url, len(range(reader, self.sizes[url], readers)), readers, reader) for url in urls]
 
     def __iter__(self) -> Iterator[TaskLoaderBatch]:
-        delivered, positions = self._start
-        physical = self.worker_id()
-        worker = (physical + delivered) % self.num_workers  # a restarted DataLoader begins at worker 0
-        epoch, skip = positions[worker] if self.loop else (0, 0)
+        if not self.loop:
+            yield from self._one_pass()
+            return
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         maker = TaskExampleMaker(self.config)
-        pending: list[TaskExample] = []
+        readers: dict[int, _TaskReader] = {}
+        item = self.start_item + worker
         while True:
-            taken = 0
-            for sample in self._samples(worker, epoch):
-                taken += 1
-                if taken <= skip:  # delivered before the restart (and its skips reported then)
-                    continue
-                if skip and taken == skip + 1:
-                    self.skipped.clear()
+            reader = self.layout.item_reader(item, self.rank, self.world_size)
+            if reader not in readers:
+                readers[reader] = _TaskReader(self, reader, *self.start_readers.get(reader, (0, 0)), maker)
+            yield readers[reader].next_batch(item)
+            item += workers
+
+    def _one_pass(self) -> Iterator[TaskLoaderBatch]:
+        """Every item once, in shard order (evaluation)."""
+        maker, skipped, pending = TaskExampleMaker(self.config), SkipCounter(), []
+        for url in self.urls:
+            for sample in read_piece(ShardPiece(url, -1), _READ, skipped):
                 try:
                     pending.append(maker(decode_task(sample, self.config.task)))
                 except SampleError as err:
-                    self.skipped[err.reason] += 1
-                    if err.reason != "answer_out_of_vocab":
-                        log.warning("skipping %s: %s", sample.get("__key__"), err)
+                    skipped[err.reason] += 1
+                    log.warning("skipping %s: %s", sample.get("__key__"), err)
                     continue
                 if len(pending) == self.config.batch_size:
-                    yield TaskLoaderBatch(collate_task(pending, self.config.task), self.skipped.take(), worker,
-                                          epoch, taken)
+                    yield TaskLoaderBatch(collate_task(pending, self.config.task), skipped.take())
                     pending = []
-            skip = 0
-            if not self.loop:
-                break
-            epoch, pending = epoch + 1, []  # a batch never spans two epochs, so a position is (epoch, taken)
         if pending:
-            yield TaskLoaderBatch(collate_task(pending, self.config.task), self.skipped.take(), worker, epoch, taken)
+            yield TaskLoaderBatch(collate_task(pending, self.config.task), skipped.take())
 
     # --- the position (ShardStream)
     def next_epoch(self) -> None:
         raise RuntimeError("a training TaskStream never ends")
 
     def advance(self, item: TaskLoaderBatch) -> None:
-        self.delivered += 1
-        self.workers[item.worker] = (item.epoch, item.taken)
+        self.items = item.item + 1
+        self.readers[item.reader] = (item.epoch, item.taken)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"delivered": self.delivered, "workers": [list(p) for p in self.workers],
-                "world_size": self.world_size}
+    def local_state(self) -> dict[str, Any]:
+        return {"items": self.items, "readers": dict(self.readers)}
+
+    def merge_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        if len({s["items"] for s in states}) != 1:
+            raise RuntimeError(f"ranks disagree on the task data position: {[s['items'] for s in states]}")
+        readers: dict[str, list[int]] = {}
+        for rank_state in states:
+            readers.update({str(r): list(t) for r, t in rank_state["readers"].items()})
+        return {"format": 2, "micro_batches": states[0]["items"] * self.world_size,
+                "readers": dict(sorted(readers.items(), key=lambda kv: int(kv[0]))),
+                "layout": self.layout.to_dict(), "world_size": self.world_size, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        workers = [tuple(p) for p in state.get("workers", [])]
-        if state.get("world_size") != self.world_size or len(workers) != self.num_workers:
-            log.warning("task data position saved with %s ranks x %d workers, resumed with %d x %d: starting a "
-                        "fresh pass", state.get("world_size"), len(workers), self.world_size, self.num_workers)
-            epoch = max((p[0] for p in workers), default=0) + 1
-            self.delivered, self.workers = 0, [(epoch, 0)] * self.num_workers
+        if not state:
+            return
+        saved = state.get("fingerprint", {})
+        differences = [f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in self.fingerprint.items()
+                       if k in saved and saved[k] != v]
+        if state.get("format") != 2 or differences:
+            if state.get("format") == 2 and not self.config.reset_position:
+                raise ValueError("the checkpoint's task data position belongs to another data configuration ("
+                                 + "; ".join(differences) + "). Restore those values, or set "
+                                 "data.reset_position=true to start a fresh pass")
+            log.warning("task data position %s: starting a fresh pass", "of an older vlbert_ds" if
+                        state.get("format") != 2 else "reset (" + "; ".join(differences) + ")")
+            epoch = 1 + max((int(t[0]) for t in state.get("readers", {}).values()), default=0) \
+                if state.get("format") == 2 else 1
+            self.start_item, self.start_readers = 0, {r: (epoch, 0) for r in range(self.layout.readers)}
         else:
-            self.delivered, self.workers = int(state["delivered"]), workers
-        self._start = (self.delivered, list(self.workers))
+            micro_batches = int(state["micro_batches"])
+            if micro_batches % self.world_size:
+                micro_batches = math.ceil(micro_batches / self.layout.slots) * self.layout.slots
+                log.warning("task data position cannot be split over %d ranks: continuing at the next step",
+                            self.world_size)
+            self.start_item = micro_batches // self.world_size
+            self.start_readers = {int(r): (int(t[0]), int(t[1])) for r, t in state.get("readers", {}).items()}
+        self.items, self.readers = self.start_item, dict(self.start_readers)
+
+
+class _TaskReader:
+    """One logical reader's training batches, epoch after epoch of its own."""
+
+    def __init__(self, stream: TaskStream, reader: int, epoch: int, taken: int, maker: TaskExampleMaker) -> None:
+        self.stream, self.reader, self.maker = stream, reader, maker
+        self.skipped = SkipCounter()
+        self.epoch = epoch
+        self.samples = self._open(epoch, taken)
+
+    def _open(self, epoch: int, taken: int) -> ReaderSamples:
+        config = self.stream.config
+        return ReaderSamples(lambda: iter(self.stream.reader_pieces(self.reader, epoch)), config.shuffle_buffer,
+                             f"{config.seed}/{epoch}/reader{self.reader}/task", _READ, self.skipped, taken)
+
+    def next_batch(self, item: int) -> TaskLoaderBatch:
+        config = self.stream.config
+        for _ in range(2):  # this epoch's rest, then (if it cannot fill a batch) the next epoch
+            pending: list[TaskExample] = []
+            for sample in self.samples:
+                if sample is None:
+                    continue
+                try:
+                    pending.append(self.maker(decode_task(sample, config.task)))
+                except SampleError as err:
+                    self.skipped[err.reason] += 1
+                    if err.reason != "answer_out_of_vocab":
+                        log.warning("skipping %s: %s", sample.get("__key__"), err)
+                    continue
+                if len(pending) == config.batch_size:
+                    return TaskLoaderBatch(collate_task(pending, config.task), self.skipped.take(), self.reader,
+                                           self.epoch, self.samples.taken, item)
+            self.epoch += 1  # a batch never spans two epochs: the epoch's last partial batch is left out
+            self.samples = self._open(self.epoch, 0)
+        raise ValueError(f"logical reader {self.reader} found fewer than {config.batch_size} usable items in a whole "
+                         "epoch of its shards: lower data.readers or task.batch_size")
 
 
 @dataclass
 class TaskLoaderBatch:
     task: TaskBatch
-    skipped: dict[str, int]  # items dropped since the previous batch, by reason (answer_out_of_vocab, ...)
-    worker: int = 0  # the (logical) worker that made it
-    epoch: int = 0  # that worker's epoch
-    taken: int = 0  # shuffled samples of the epoch that worker had consumed after this batch
+    skipped: dict[str, int]  # items dropped since the previous batch of its reader, by reason
+    reader: int = 0  # the logical reader that made it
+    epoch: int = 0  # that reader's epoch
+    taken: int = 0  # shuffled samples of the epoch that reader had taken after this batch
+    item: int = 0  # the rank's micro-batch index
 
 
 _READ = ReadSettings()
 
 
-def task_loader(spec: str, config: TaskDataConfig, rank: int = 0, world_size: int = 1) -> ResumableLoader:
-    """What the trainer iterates: the rank's endless training stream, its position in `state_dict()`."""
-    return ResumableLoader(TaskStream(spec, config, rank, world_size, loop=True))
+def task_loader(spec: str, config: TaskDataConfig, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
+                layout: Layout | None = None) -> ResumableLoader:
+    """What the trainer iterates: the rank's endless training stream, its global position in `state_dict()`."""
+    return ResumableLoader(TaskStream(spec, config, rank, world_size, True, grad_accum, layout))

@@ -112,9 +112,14 @@ class CheckpointManager:
         path = self.directory / tag / "run_config.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def data_position(self, tag: str) -> dict[str, Any] | None:
+        """The global data position saved with the checkpoint (readable before any engine is built)."""
+        path = self.directory / tag / "data_position.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     # ------------------------------------------------------------------ writing
     def save(self, engine, step: int, client_state: dict[str, Any], model_config: dict[str, Any],
-             run_config: dict[str, Any] | None = None) -> str:
+             run_config: dict[str, Any] | None = None, data_position: dict[str, Any] | None = None) -> str:
         import torch.distributed as dist
 
         if not weights_finite(engine):
@@ -145,6 +150,8 @@ class CheckpointManager:
             (folder / "model_config.json").write_text(json.dumps(model_config, indent=1, sort_keys=True))
             if run_config is not None:
                 (folder / "run_config.json").write_text(json.dumps(run_config, indent=1))
+            if data_position is not None:
+                (folder / "data_position.json").write_text(json.dumps(data_position, indent=1))
         files = self._checksums(folder)  # every rank hashes a share of the files
         if self.rank == 0:
             _write_atomic(folder / COMPLETE, json.dumps({"step": step, "files": files}, indent=1))

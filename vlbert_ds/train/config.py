@@ -60,8 +60,14 @@ class DataSection:
     samples_per_epoch: int = option(0, "resampled mode: vision-language samples per (virtual) epoch, all ranks")
     vl_per_batch: int = option(16, "vision-language rows per rank per micro-batch")
     text_per_batch: int = option(16, "text-only rows per rank per micro-batch (1:1 as the paper)")
-    num_workers: int = option(2, "DataLoader worker processes per rank")
-    shuffle_buffer: int = option(1000, "samples in each worker's shuffle buffer")
+    num_workers: int = option(2, "DataLoader worker processes per rank (may change on resume)")
+    shuffle_buffer: int = option(1000, "samples in each logical reader's shuffle buffer (per stream)")
+    readers: int = option(0, "logical readers: the global sample order's unit, fixed for a run (0 = 4 per "
+                             "micro-batch of a step); a rank holds readers / world size shuffle buffers")
+    reset_position: bool = option(False, "resume even though the data config changed: the data starts at the next "
+                                         "epoch (said at start-up)")
+    log_keys: bool = option(False, "append every micro-batch's sample keys to <output_dir>/data_keys/rank<r>.jsonl "
+                                   "(to audit what a run saw)")
     max_elements: int = option(64, "text tokens + RoIs per row (the official SEQ_LEN)")
     text_segment_len: int = option(64, "tokens per text-only row")
     prepare_default: str = option("", "prepare the embedded default into this folder if it holds none, and "
@@ -73,8 +79,12 @@ class TaskDataSection:
     """What fine-tuning reads of `data`: the task's shards are named in `task`."""
 
     tokenizer: str = option("default", "tokenizer folder ('default' = the bundled MiniLM's)")
-    num_workers: int = option(2, "DataLoader worker processes per rank")
-    shuffle_buffer: int = option(1000, "samples in each worker's shuffle buffer")
+    num_workers: int = option(2, "DataLoader worker processes per rank (may change on resume)")
+    shuffle_buffer: int = option(1000, "samples in each logical reader's shuffle buffer")
+    readers: int = option(0, "logical readers: the global sample order's unit, fixed for a run (0 = 4 per "
+                             "micro-batch of a step)")
+    reset_position: bool = option(False, "resume even though the data config changed: a fresh pass of the task "
+                                         "data (said at start-up)")
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,8 @@ class OptimizerSection:
 @dataclass(frozen=True)
 class TrainSection:
     steps: int = option(1000, "optimizer steps")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
+    grad_accum: int = option(1, "micro-batches per rank per optimizer step; resumed on another world size it "
+                                "is re-derived to keep the global batch (world x grad_accum micro-batches)")
     precision: Literal["bf16", "fp16", "fp32"] = option("bf16", "training precision (fp16 needs a GPU)")
     ds_config: str = option("ds_configs/zero2.json", "DeepSpeed JSON (ZeRO stage, buckets, offload); "
                                                      "ds_configs/* are shipped with the package")
@@ -181,11 +192,14 @@ def resume_changes(saved: dict[str, Any] | None, config: RunConfig, where: str) 
         return []
     changes = config_changes(saved, redact_urls(config.to_dict()))
     fixed = [c for c in changes if c[0] in config.fixed_on_resume]
+    if config.data.reset_position:  # the data restarts: its keys may change
+        fixed = [c for c in fixed if c[0] not in config.data_keys]
     if fixed and not config.checkpoint.force_resume:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in fixed)
         raise ValueError(f"resuming {where} with changed keys that are fixed for a run ({listed}): the checkpoint's "
                          "weights, data position or batch depend on them. Restore them, start a new run (another "
-                         "train.output_dir), or set checkpoint.force_resume=true")
+                         "train.output_dir), set data.reset_position=true when only the data changed (it restarts "
+                         "at the next epoch), or checkpoint.force_resume=true")
     return changes
 
 
@@ -203,7 +217,11 @@ class RunConfig:
     # refused unless checkpoint.force_resume. The model's shape is checked against the checkpoint's
     # model_config.json instead (checkpoint.check_same_model, naming the field). Any other key may
     # change; it applies from the resumed step and is recorded.
-    fixed_on_resume: ClassVar[tuple[str, ...]] = ("train.seed", "train.grad_accum", "train.precision")
+    # The global batch (world size x train.grad_accum) is checked against the checkpoint's data position
+    # (trainer.Trainer.plan_layout): another world size re-derives the accumulation.
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ("train.seed", "train.precision")
+    # What data.reset_position=true lets change (the data restarts at the next epoch).
+    data_keys: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         _need(self.train.steps >= 1, "train.steps must be >= 1")
@@ -266,8 +284,9 @@ class PretrainConfig(RunConfig):
     fixed_on_resume: ClassVar[tuple[str, ...]] = (
         *RunConfig.fixed_on_resume, "model.visual_front_end", "data.vl_sources", "data.vl_weights",
         "data.text_sources", "data.text_weights", "data.tokenizer", "data.mode", "data.samples_per_epoch",
-        "data.vl_per_batch", "data.text_per_batch", "data.num_workers", "data.shuffle_buffer", "data.max_elements",
+        "data.vl_per_batch", "data.text_per_batch", "data.shuffle_buffer", "data.readers", "data.max_elements",
         "data.text_segment_len")
+    data_keys: ClassVar[tuple[str, ...]] = (*(k for k in fixed_on_resume if k.startswith("data.")), "train.seed")
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -329,7 +348,9 @@ class FinetuneConfig(RunConfig):
     fixed_on_resume: ClassVar[tuple[str, ...]] = (
         *RunConfig.fixed_on_resume, "task.name", "task.train",
         "task.answers", "task.vcr_mode", "task.object_classes", "task.object_classes_file", "task.batch_size",
-        "task.max_text", "data.tokenizer", "data.num_workers", "data.shuffle_buffer")
+        "task.max_text", "data.tokenizer", "data.shuffle_buffer", "data.readers")
+    data_keys: ClassVar[tuple[str, ...]] = ("train.seed", "task.train", "task.max_text", "data.shuffle_buffer",
+                                            "data.readers")
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
     task: TaskSection = field(default_factory=TaskSection)
     data: TaskDataSection = field(default_factory=TaskDataSection)

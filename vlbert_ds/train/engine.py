@@ -20,13 +20,16 @@ _OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "trai
 
 
 def build_ds_config(train: TrainSection, optimizer: OptimizerSection, micro: int, world_size: int,
-                    template: dict[str, Any], load_universal: bool = False) -> dict[str, Any]:
+                    template: dict[str, Any], load_universal: bool = False,
+                    grad_accum: int | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON: `template` (ZeRO settings) + what the run config decides; `micro` = rows
-    per rank per micro-batch."""
+    per rank per micro-batch; `grad_accum` = the accumulation in effect (default `train.grad_accum`;
+    a resume on another world size re-derives it to keep the global batch)."""
+    accum = grad_accum or train.grad_accum
     wanted: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": micro * train.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
         "gradient_clipping": optimizer.grad_clip,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,

@@ -88,7 +88,8 @@ def data_config(config: FinetuneConfig, answers: list[str], train: bool, classes
     return TaskDataConfig(task=config.task.name, tokenizer=tokenizer, answers=answers, object_classes=list(classes),
                           vcr_mode=config.task.vcr_mode, max_text=config.task.max_text,
                           batch_size=config.task.batch_size, num_workers=config.data.num_workers if train else 0,
-                          shuffle_buffer=config.data.shuffle_buffer, seed=config.train.seed, train=train)
+                          shuffle_buffer=config.data.shuffle_buffer, seed=config.train.seed, train=train,
+                          readers=config.data.readers, reset_position=config.data.reset_position)
 
 
 class FinetuneRecipe:
@@ -132,11 +133,11 @@ class FinetuneRecipe:
     def micro_batch_size(self) -> int:
         return self.config.task.batch_size
 
-    def open_data(self, dist: DistEnv):
+    def open_data(self, dist: DistEnv, layout, grad_accum: int):
         from vlbert_ds.data.task_batches import task_loader
 
         return task_loader(self.config.task.train, data_config(self.config, self.answers, True, self.classes),
-                           dist.rank, dist.world_size)
+                           dist.rank, dist.world_size, grad_accum, layout)
 
     def model_input(self, item: Any) -> Any:
         return item.task

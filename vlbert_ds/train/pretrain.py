@@ -7,6 +7,7 @@ and text-only rows (MLM); the loop is `trainer.Trainer`. The command line (`vlbe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,7 +38,7 @@ def loader_config(config: PretrainConfig):
         tokenizer=_tokenizer(data.tokenizer), mode=data.mode,
         vl_per_batch=data.vl_per_batch, text_per_batch=data.text_per_batch,
         samples_per_epoch=data.samples_per_epoch or None, num_workers=data.num_workers, seed=config.train.seed,
-        shuffle_buffer=data.shuffle_buffer,
+        shuffle_buffer=data.shuffle_buffer, readers=data.readers, reset_position=data.reset_position,
         example=ExampleConfig(max_elements=data.max_elements, text_segment_len=data.text_segment_len,
                               num_region_classes=config.model.num_region_classes,
                               visual_front_end=config.model.visual_front_end))
@@ -72,6 +73,7 @@ class PretrainRecipe:
         self.config, self.batches, self.grounding_words = config, batches, grounding_words
         self.eval_every = config.grounding.every
         self.grounding = None
+        self.keys_log = None
 
     def prepare(self, dist: DistEnv) -> None:
         from vlbert_ds.train.grounding import build_grounding_set
@@ -103,18 +105,26 @@ class PretrainRecipe:
     def micro_batch_size(self) -> int:
         return self.config.data.vl_per_batch + self.config.data.text_per_batch
 
-    def open_data(self, dist: DistEnv):
+    def open_data(self, dist: DistEnv, layout, grad_accum: int):
         if self.batches is not None:
             return _Given(self.batches)
         from vlbert_ds.data import pretrain_loader
 
-        return pretrain_loader(loader_config(self.config), dist.rank, dist.world_size,
-                               check_sources=False)  # checked once, before the model was built
+        if self.config.data.log_keys:
+            folder = Path(self.config.train.output_dir) / "data_keys"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.keys_log = (folder / f"rank{dist.rank}.jsonl").open("a")  # flushed per line
+        return pretrain_loader(loader_config(self.config), dist.rank, dist.world_size, grad_accum=grad_accum,
+                               layout=layout, check_sources=False)  # checked once, before the model was built
 
     def model_input(self, item: Any) -> Any:
         return getattr(item, "batch", item)
 
     def count(self, item: Any, batch: Any, step: StepAccumulator) -> None:
+        if self.keys_log is not None and hasattr(item, "keys"):
+            self.keys_log.write(json.dumps({"epoch": item.epoch, "item": item.item, "reader": item.reader,
+                                            "padding": item.padding, "keys": item.keys}) + "\n")
+            self.keys_log.flush()
         rows = batch.batch_size
         step.count("samples", rows)
         step.count("tokens", float(batch.text_mask.sum() + batch.region_mask.sum() + rows))

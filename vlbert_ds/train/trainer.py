@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from vlbert_ds.data.elastic import Layout
 from vlbert_ds.train.checkpoint import CheckpointManager, export_pretrained
 from vlbert_ds.train.config import RunConfig, read_ds_config, redact_urls, resume_changes
 from vlbert_ds.train.distributed import DistEnv
@@ -117,8 +118,9 @@ class Recipe(Protocol):
     def micro_batch_size(self) -> int:
         """Rows per rank per micro-batch (DeepSpeed's micro batch)."""
 
-    def open_data(self, dist: DistEnv) -> Batches:
-        """This rank's endless, resumable batches."""
+    def open_data(self, dist: DistEnv, layout: Layout | None, grad_accum: int) -> Batches:
+        """This rank's endless, resumable batches in the run's global order (`layout`: the checkpoint's, or
+        None for a fresh run: world size x `grad_accum` micro-batches per step)."""
 
     def model_input(self, item: Any) -> Any:
         """The loader's item -> what the model takes."""
@@ -180,10 +182,10 @@ class Trainer:
                 self.metrics.close()
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step of `train.grad_accum` good micro-batches; returns the step's metrics."""
+        """One optimizer step of `grad_accum` good micro-batches; returns the step's metrics."""
         start = time.perf_counter()
         step = StepAccumulator()
-        while step.micro_batches < self.config.train.grad_accum:
+        while step.micro_batches < self.grad_accum:
             wait_start = time.perf_counter()
             item = next(self.data)
             step.wait_seconds += time.perf_counter() - wait_start
@@ -256,9 +258,9 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.beat("checkpoint")
-        self.state.data = self.data.state_dict()
+        self.state.data = self.data.state_dict()  # global: every rank's part (one all-gather)
         self.checkpoints.save(self.engine, self.state.step, self.state.to_client_state(), self.model_config,
-                              redact_urls(self.config.to_dict()))
+                              redact_urls(self.config.to_dict()), self.state.data)
         self.faults.maybe_crash_after_commit(self.state.step, self.dist.rank)
         # Metrics up to a committed checkpoint go to MLflow now; if the process dies before this, the
         # resumed run sends them from metrics.jsonl (MetricsLogger.start), so none is lost or doubled.
@@ -293,14 +295,15 @@ class Trainer:
         if dist.is_main:
             print("resolved config:\n" + config.to_yaml(), flush=True)
             (self.output / "resolved_config.yaml").write_text(config.to_yaml())
-        # The DeepSpeed JSON first: a contradiction with the run config is an error before any model is built.
-        ds_config = build_ds_config(config.train, config.optimizer, recipe.micro_batch_size(), dist.world_size,
-                                    read_ds_config(config.train.ds_config), config.checkpoint.load_universal)
         self.checkpoints = CheckpointManager(
             config.checkpoint_dir, config.checkpoint.keep, dist.rank,
             before_commit=lambda step: self.faults.maybe_crash_in_checkpoint(step, dist.rank),
             prune_before_save=config.checkpoint.prune_before_save)
         self.changes = self.check_resume_config()  # before anything is built
+        self.layout, self.grad_accum, self.load_universal = self.plan_layout()
+        # The DeepSpeed JSON: a contradiction with the run config is an error before any model is built.
+        ds_config = build_ds_config(config.train, config.optimizer, recipe.micro_batch_size(), dist.world_size,
+                                    read_ds_config(config.train.ds_config), self.load_universal, self.grad_accum)
         recipe.prepare(dist)
         model = recipe.build_model()
         if dist.is_main and getattr(model, "load_report", None) is not None:
@@ -309,7 +312,7 @@ class Trainer:
         self.engine = make_engine(model, ds_config, config.optimizer, config.train.steps)
         self.resume()
         self.start_tracking(ds_config)
-        self.data = recipe.open_data(dist)
+        self.data = recipe.open_data(dist, self.layout, self.grad_accum)
         if self.state.data:
             self.data.load_state_dict(self.state.data)
         self.metrics = MetricsLogger(self.output, self.tracker, dist.is_main, config.train.steps, recipe.desc,
@@ -343,13 +346,46 @@ class Trainer:
         saved = self.checkpoints.run_config(tag) if tag else None
         return resume_changes(saved, config, str(Path(config.checkpoint_dir) / str(tag)))
 
+    def plan_layout(self) -> tuple[Layout | None, int, bool]:
+        """The run's global batch and logical readers, the accumulation that keeps them on this world size,
+        and whether the checkpoint must be converted (DeepSpeed universal) because the world size changed.
+
+        A resumed run keeps its checkpoint's layout: a requeued job on fewer or more ranks re-derives
+        `grad_accum`; a world size that cannot keep the global batch is refused, naming the valid ones.
+        """
+        config, world = self.config, self.dist.world_size
+        tag = self.checkpoints.latest_tag() if config.checkpoint.resume else None
+        saved = self.checkpoints.data_position(tag) if tag else None
+        if not saved or saved.get("format") != 2:  # a fresh run: the stream lays out world x grad_accum
+            return None, config.train.grad_accum, config.checkpoint.load_universal
+        layout = Layout(**saved["layout"])
+        universal = config.checkpoint.load_universal or saved["world_size"] != world
+        if config.data.reset_position and (layout.slots != world * config.train.grad_accum
+                                           or config.data.readers not in (0, layout.readers)):
+            return None, config.train.grad_accum, universal  # the data restarts with the new layout
+        run = self.checkpoints.run_config(tag) or {}
+        saved_accum = run.get("train", {}).get("grad_accum", config.train.grad_accum)
+        if config.train.grad_accum != saved_accum and config.train.grad_accum * world != layout.slots:
+            raise ValueError(f"train.grad_accum {saved_accum} -> {config.train.grad_accum} on {world} rank(s) changes "
+                             f"the global batch ({layout.slots} micro-batches per step -> "
+                             f"{config.train.grad_accum * world}); the data position depends on it. Keep it, or set "
+                             "data.reset_position=true to start the data at the next epoch with the new batch")
+        if config.data.readers not in (0, layout.readers):
+            raise ValueError(f"data.readers {layout.readers} -> {config.data.readers}: the data position depends on "
+                             "it; keep it (0 = the checkpoint's), or set data.reset_position=true")
+        accum = layout.grad_accum(world)  # LayoutError naming the valid world sizes
+        if self.dist.is_main and (accum != config.train.grad_accum or universal):
+            print(f"resuming on {world} rank(s) (checkpoint written on {saved['world_size']}): gradient accumulation "
+                  f"{accum} keeps the global batch of {layout.slots} micro-batches per step"
+                  + ("; DeepSpeed state converted to a universal checkpoint" if universal else ""), flush=True)
+        return layout, accum, universal
+
     def resume(self) -> None:
         """The newest usable checkpoint into the engine (`latest`, else the newest older one that verifies)."""
         config = self.config
         if not config.checkpoint.resume or self.checkpoints.latest_tag() is None:
             return
-        tag, client_state = self.checkpoints.load_newest_usable(self.engine, self.model_config,
-                                                                config.checkpoint.load_universal)
+        tag, client_state = self.checkpoints.load_newest_usable(self.engine, self.model_config, self.load_universal)
         self.state = TrainState.from_client_state(client_state)
         if any(key.startswith("optimizer.") or key == "train.steps" for key, _, _ in self.changes):
             apply_optimizer_config(self.engine, config.optimizer, config.train.steps)
