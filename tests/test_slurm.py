@@ -48,11 +48,12 @@ def _overrides(default_data: Path, out: Path, steps: int, extra: tuple[str, ...]
             "optimizer.warmup_steps=2", "checkpoint.export=false", f"train.output_dir={out}", *extra]
 
 
-def _submit(slurm, job_name: str, log: Path, overrides: list[str]) -> subprocess.Popen:
+def _submit(slurm, job_name: str, log: Path, overrides: list[str], nodes: int = 2) -> subprocess.Popen:
     env = {**slurm.env(), "VLBERT_PYTHON": sys.executable, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    command = ["sbatch", "--wait", f"--job-name={job_name}", f"--output={log}", f"--chdir={REPO}", *CPU_SHAPE,
+    shape = [f"--nodes={nodes}" if arg.startswith("--nodes=") else arg for arg in CPU_SHAPE]
+    command = ["sbatch", "--wait", f"--job-name={job_name}", f"--output={log}", f"--chdir={REPO}", *shape,
                str(SBATCH), str(REPO / "configs" / "default.yaml"), *overrides]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -161,6 +162,47 @@ def test_scancel_saves_a_checkpoint_and_does_not_requeue(slurm, default_data, tm
     time.sleep(6)  # a requeued job would be pending again by now (cred_expire=5)
     assert slurm.run("squeue", "-h", "-j", job_id, check=False).stdout.strip() == ""
     assert "restart 1" not in log.read_text()
+
+
+def test_a_two_node_job_stopped_mid_epoch_continues_as_a_one_node_job(slurm, default_data, tmp_path):
+    """What a requeue onto fewer nodes does: the 2-node job is cancelled (it checkpoints on the signal), the
+    same run folder is submitted again on 1 node: accumulation 2 keeps the global batch of 2 micro-batches,
+    the exact epoch (160 samples, 8 readers of 20, 5 micro-batches each: 20 steps) ends with every sample
+    seen once and every step logged once."""
+    out = tmp_path / "run"
+    steps = 20
+    overrides = _overrides(default_data, out, steps=steps, extra=(
+        "checkpoint.every=1000", "tracking.enabled=false", "data.mode=exact", "data.log_keys=true",
+        "optimizer.schedule=constant"))
+    first_log = tmp_path / "two-nodes.out"
+    process = _submit(slurm, "vlbert-slurm-test", first_log, overrides)
+    deadline = time.time() + 300
+    while not _steps(out / "metrics.jsonl") or _steps(out / "metrics.jsonl")[-1] < 3:
+        assert process.poll() is None and time.time() < deadline, first_log.read_text()[-4000:]
+        time.sleep(0.2)
+    job_id = slurm.run("squeue", "-h", "-n", "vlbert-slurm-test", "-o", "%i").stdout.split()[0]
+    slurm.run("scancel", job_id)
+    _wait(process, slurm, first_log)
+    deadline = time.time() + 120
+    while slurm.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip():
+        assert time.time() < deadline
+        time.sleep(0.5)
+    text = first_log.read_text()
+    stop_step = int(next(line for line in text.splitlines() if "stopping at step" in line)
+                    .split("stopping at step ")[1].split()[0])
+    assert 3 <= stop_step < steps
+    second_log = tmp_path / "one-node.out"
+    rc = _wait(_submit(slurm, "vlbert-slurm-test", second_log, overrides, nodes=1), slurm, second_log)
+    text = second_log.read_text()
+    assert rc == 0, f"{text[-6000:]}\n{slurm.logs()}"
+    assert "1 nodes" in text or "1 node" in text
+    assert "gradient accumulation 2 keeps the global batch of 2 micro-batches" in text
+    assert f"resumed from step{stop_step:08d}_universal: step {stop_step}" in text
+    assert f"finished at step {steps}" in text
+    assert _steps(out / "metrics.jsonl") == list(range(1, steps + 1))
+    keys = [k for path in (out / "data_keys").glob("rank*.jsonl") for line in path.read_text().splitlines()
+            for k in json.loads(line)["keys"]]
+    assert len(keys) == 160 and len(set(keys)) == 160  # every sample of the epoch once, across the change
 
 
 def test_finetune_sbatch_runs_the_same_way(slurm, synthetic_tasks, tmp_path):
