@@ -130,3 +130,37 @@ def test_a_position_of_another_data_config_is_refused_unless_reset(default_data,
     reset = PretrainStream(_config(default_data, minilm_folder, seed=7, reset_position=True))
     reset.load_state_dict(state)
     assert reset.epoch == 1 and reset.start_item == 0
+
+
+def _task_steps(folder, world, accum, steps, state=None):
+    from vlbert_ds.bundled import default_bert
+    from vlbert_ds.data.task_batches import TaskDataConfig, task_loader
+
+    config = TaskDataConfig(task="refcoco", tokenizer=default_bert(), batch_size=4, num_workers=0, shuffle_buffer=16)
+    out: dict[int, dict[int, tuple]] = {}
+    loaders = [task_loader(str(folder), config, rank, world, accum) for rank in range(world)]
+    for rank, loader in enumerate(loaders):
+        if state is not None:
+            loader.load_state_dict(state)
+        for _ in range(steps * accum):
+            b = next(loader)
+            step, local = divmod(b.item, accum)
+            out.setdefault(step, {})[local * world + rank] = (tuple(b.task.keys), b.task.batch.input_ids.tolist())
+    merged = loaders[0].stream.merge_states([lo.stream.local_state() for lo in loaders])
+    for loader in loaders:
+        loader.close()
+    return out, merged
+
+
+def test_fine_tuning_batches_follow_the_same_global_order_and_resume_on_another_world_size(synthetic_tasks):
+    """RefCOCO+ training stream (endless readers, each on its own epochs): 2 ranks == 1 rank x 2, and a
+    position saved on 2 ranks after 30 steps (past the readers' first epoch) continues on 1 rank."""
+    folder = synthetic_tasks / "refcoco/train"
+    reference, _ = _task_steps(folder, 1, 2, 40)
+    two, _ = _task_steps(folder, 2, 1, 40)
+    assert two == reference
+    _, state = _task_steps(folder, 2, 1, 30)
+    assert state["micro_batches"] == 60
+    assert any(epoch >= 1 for epoch, _ in state["readers"].values())  # some reader is in its second epoch
+    rest, _ = _task_steps(folder, 1, 2, 10, state)
+    assert rest == {step: reference[step] for step in range(30, 40)}
