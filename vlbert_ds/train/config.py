@@ -143,7 +143,8 @@ class CheckpointSection:
     export: bool = option(True, "write consolidated save_pretrained weights at the end")
     load_universal: bool = option(False, "resume from a DeepSpeed universal checkpoint (another world size)")
     force_resume: bool = option(False, "resume even though a key fixed for the run (model, data stream, seed, "
-                                       "batch) changed; the changes are recorded")
+                                       "batch) changed; the changes are recorded, a changed data stream restarts "
+                                       "at the next epoch")
     prune_before_save: bool = option(False, "delete the oldest checkpoint before writing a new one, so keep (not "
                                             "keep + 1) fit on the disk; a crash mid-save then leaves keep - 1")
 
