@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,24 @@ def synthetic_tasks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic-tasks")
     prepare_synthetic_tasks(str(out), train_scenes=160, val_scenes=48, samples_per_shard=40, processes=1)
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a size the test chooses (root only; CI runs as root)."""
+    mounted = []
+
+    def mount(size_mib: float) -> Path:
+        folder = tmp_path / f"disk-{len(mounted)}"
+        folder.mkdir()
+        size = f"size={max(4, int(size_mib * 1024))}k"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", size, "tmpfs", str(folder)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the full-disk test needs root")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -151,7 +151,9 @@ def test_region_importers_and_precomputed_shards(tmp_path):
         assert stats["skipped"] == expected
         members = _members(out / "shard-000000.tar")
         stored = np.load(__import__("io").BytesIO(members["000000_000000.features.npy"]))
-        assert stored.dtype == np.float16 and stored.shape == (10, 2048)  # 8 boxes >= 0.5 -> min 10
+        scale = np.load(__import__("io").BytesIO(members["000000_000000.feature_scale.npy"]))
+        # format 2 default: int8 codes with a per-box scale; 8 boxes >= 0.5 -> min 10
+        assert stored.dtype == np.int8 and stored.shape == (10, 2048) and scale.shape == (10,)
 
 
 def test_resume_redoes_only_unfinished_shards(tmp_path, minilm_folder):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlbert_ds.data.schema import decode_vl
 from vlbert_ds.prep.cli import main as prep_main
 
 
@@ -267,7 +268,10 @@ def test_generate_tsv_names_gzip_and_the_lxmert_layout_are_read(tmp_path, capsys
         samples = _samples(out)
         assert len(samples) == 2
         members = _members(out / "shard-000000.tar")
-        stored = np.load(io.BytesIO(members["000000_000000.scores.npy"])).astype(np.float32)
+        sample = {k.split(".", 1)[1]: v for k, v in members.items() if k.startswith("000000_000000.")}
+        record = decode_vl(sample, need_features=False, need_image=False)
+        assert record.class_ids.shape == (10, 32)  # format 2 default: the top 32 of 1601 classes
+        stored = record.dense_scores()
         stored_boxes = np.load(io.BytesIO(members["000000_000000.boxes.npy"]))
         # conf >= 0.5 for the first 8 boxes of 12 -> the 10-box minimum, sorted by confidence
         assert stored.shape == (10, 1601) and np.allclose(stored_boxes, boxes[:10], atol=1e-3)

@@ -135,26 +135,6 @@ def _pretrain_cli(overrides: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of a size the test chooses (root only; CI runs as root)."""
-    mounted = []
-
-    def mount(size_mib: int) -> Path:
-        folder = tmp_path / f"disk-{len(mounted)}"
-        folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(folder)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the full-disk test needs root")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 def test_a_full_disk_says_so_removes_the_partial_save_and_prune_before_save_fits(default_data, tmp_path,
                                                                                   small_disk):
     base = [*COMMON, f"data.vl_sources=[{default_data}/vl/train]", f"data.text_sources=[{default_data}/text/train]",

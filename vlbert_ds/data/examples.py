@@ -7,6 +7,7 @@ at most 64 WordPiece ids (the model appends [END]).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 import zlib
@@ -19,7 +20,7 @@ from PIL import Image
 
 from vlbert_ds.data.boxes import with_image_roi
 from vlbert_ds.data.masking import IGNORE, MaskingConfig, mask_regions, mask_words, truncation_lengths
-from vlbert_ds.data.schema import SampleError, TextRecord, VLRecord
+from vlbert_ds.data.schema import SampleError, TextRecord, VLRecord, dequantize_features
 from vlbert_ds.model.inputs import VLBatch
 
 
@@ -72,11 +73,14 @@ class VLExample:
     image_size: tuple[float, float]  # (W, H)
     region_hidden: np.ndarray  # [R] bool
     region_selected: np.ndarray  # [R] bool (predicted, with a valid soft label)
-    region_targets: np.ndarray  # [S, C] float32, rows of the selected RoIs in order
+    region_targets: np.ndarray  # [S, C] float32, rows of the selected RoIs in order ([S, k] when sparse)
     # Precomputed front end: detector-box features as stored ([R-1, D], float16 from shards) and the
     # whole-image RoI-0 feature [D]; kept apart so that no per-sample copy joins them (collate does).
     features: np.ndarray | None = None
-    whole_image_feature: np.ndarray | None = None
+    whole_image_feature: np.ndarray | None = None  # None with compact features: the device computes it
+    feature_scale: np.ndarray | None = None  # [R-1] float32: `features` are int8 / float8 codes
+    feature_dtype: str = "float16"
+    region_target_classes: np.ndarray | None = None  # [S, k]: `region_targets` are sparse (format 2 top-k)
     image: torch.Tensor | None = None  # [3, H, W] uint8 RGB (end-to-end)
     shard: str = ""  # where the sample was read from (for accounting)
 
@@ -134,9 +138,11 @@ def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConf
 
     all_boxes = with_image_roi(record.boxes, width, height)
     num_boxes = all_boxes.shape[0] - 1
-    scores = record.scores
-    if scores is not None and scores.shape[1] > config.num_region_classes:
-        raise SampleError("too_many_classes", f"{scores.shape[1]} > num_region_classes {config.num_region_classes}")
+    # Class distributions: dense [K, C] (format 1) or sparse top-k ids + probabilities (format 2).
+    sparse = record.class_ids is not None
+    scores = record.class_probs if sparse else record.scores
+    if scores is not None and record.num_classes > config.num_region_classes:
+        raise SampleError("too_many_classes", f"{record.num_classes} > num_region_classes {config.num_region_classes}")
     if scores is not None:
         selected, hidden = mask_regions(num_boxes, rng, config.masking)
         chosen = np.flatnonzero(selected)  # only valid distributions are targets (checked on chosen rows only)
@@ -146,14 +152,16 @@ def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConf
 
     hidden_all = np.concatenate(([False], hidden))
     selected_all = np.concatenate(([False], selected))
-    features = whole = None
+    features = whole = scale = None
     if config.visual_front_end == "precomputed":
         if record.features is None:
             raise SampleError("missing_features")
-        kept = ~hidden
-        # The official whole-image feature: mean over the boxes that stay visible (summed in float32).
-        whole = torch.from_numpy(record.features[kept]).float().sum(0).numpy() / (kept.sum() + 1e-5)
-        features = record.features
+        features, scale = record.features, record.feature_scale
+        if scale is None:
+            kept = ~hidden
+            # The official whole-image feature: mean over the boxes that stay visible (summed in float32).
+            whole = torch.from_numpy(record.features[kept]).float().sum(0).numpy() / (kept.sum() + 1e-5)
+        # Compact codes are never widened here: `VLBatch.widened` takes the same mean on the device.
 
     keep_text, keep_boxes = truncation_lengths(text.size, all_boxes.shape[0], config.max_elements)
     if keep_text < text.size:
@@ -162,10 +170,17 @@ def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConf
     all_boxes, hidden_all, selected_all = all_boxes[:keep_boxes], hidden_all[:keep_boxes], selected_all[:keep_boxes]
     if features is not None:
         features = features[: keep_boxes - 1]
-    targets = np.zeros((int(selected_all.sum()), config.num_region_classes), dtype=np.float32)
-    if targets.shape[0]:
-        rows = scores[np.flatnonzero(selected_all) - 1]
-        targets[:, : rows.shape[1]] = rows  # widened to float32 for the selected rows only
+        scale = None if scale is None else scale[: keep_boxes - 1]
+    target_rows = np.flatnonzero(selected_all) - 1
+    target_classes = None
+    if sparse:  # stays sparse: densified on the device
+        targets = scores[target_rows].astype(np.float32)
+        target_classes = record.class_ids[target_rows].astype(np.int64)
+    else:
+        targets = np.zeros((target_rows.size, config.num_region_classes), dtype=np.float32)
+        if target_rows.size:
+            rows = scores[target_rows]
+            targets[:, : rows.shape[1]] = rows  # widened to float32 for the selected rows only
 
     image = None
     if config.visual_front_end == "end_to_end":
@@ -174,7 +189,8 @@ def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConf
         image = decode_image(record.jpeg, record.image_width, record.image_height, config.max_image_pixels)
     return VLExample(key=record.key, input_ids=text, mlm_labels=text_labels, boxes=all_boxes,
                      image_size=(width, height), region_hidden=hidden_all, region_selected=selected_all,
-                     region_targets=targets, features=features, whole_image_feature=whole, image=image)
+                     region_targets=targets, features=features, whole_image_feature=whole, image=image,
+                     feature_scale=scale, feature_dtype=record.feature_dtype, region_target_classes=target_classes)
 
 
 def make_text_example(record: TextRecord, tools: TokenizerTools, config: ExampleConfig,
@@ -196,10 +212,38 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = False) -> VLBatch:
+FEATURE_TENSOR_DTYPES = {"int8": torch.int8, "float8": torch.float8_e4m3fn}
+
+
+def _widened_on_host(example: VLExample) -> VLExample:
+    """A compact-feature example as float32 with its RoI-0 mean (only for batches that mix formats)."""
+    if example.feature_scale is None:
+        return example
+    values = dequantize_features(example.features, example.feature_scale, example.feature_dtype)
+    visible = ~example.region_hidden[1 : 1 + values.shape[0]]
+    whole = values[visible].sum(0) / (visible.sum() + 1e-5)
+    return dataclasses.replace(example, features=values, whole_image_feature=whole.astype(np.float32),
+                               feature_scale=None, feature_dtype="float16")
+
+
+def _dense_targets(example: VLExample, num_classes: int | None) -> np.ndarray:
+    if example.region_target_classes is None:
+        return example.region_targets
+    if num_classes is None:
+        raise ValueError("collate: a batch mixing sparse and dense class targets needs num_region_classes")
+    dense = np.zeros((example.region_targets.shape[0], num_classes), dtype=np.float32)
+    np.put_along_axis(dense, example.region_target_classes, example.region_targets, axis=1)
+    return dense
+
+
+def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = False,
+            num_region_classes: int | None = None) -> VLBatch:
     """Vision-language rows first, then text rows, padded into one `VLBatch`.
 
-    `drop_labels` keeps the inputs but removes every target (padding batches of exact-epoch mode).
+    Compact features and sparse class targets (format 2) stay compact (`VLBatch.widened` undoes them
+    on the device); a batch that mixes them with format 1 rows is widened here, for which the sparse
+    targets need `num_region_classes`. `drop_labels` keeps the inputs but removes every target
+    (padding batches of exact-epoch mode).
     """
     rows = len(vl) + len(text)
     examples = [*vl, *text]
@@ -218,9 +262,16 @@ def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = Fa
     hidden = torch.zeros(rows, region_slots, dtype=torch.bool)
     selected = torch.zeros(rows, region_slots, dtype=torch.bool)
     image_size = torch.zeros(rows, 2)
-    features = None
+    features = feature_scale = None
     if vl and vl[0].features is not None:
-        dtype = torch.float16 if vl[0].features.dtype == np.float16 else torch.float32
+        compact = all(e.feature_scale is not None and e.feature_dtype == vl[0].feature_dtype for e in vl)
+        if not compact and any(e.feature_scale is not None for e in vl):
+            vl = [_widened_on_host(e) for e in vl]  # a batch mixing formats: the rare slow path
+        if compact:
+            dtype = FEATURE_TENSOR_DTYPES[vl[0].feature_dtype]
+            feature_scale = torch.zeros(rows, region_slots)
+        else:
+            dtype = torch.float16 if all(e.features.dtype == np.float16 for e in vl) else torch.float32
         features = torch.zeros(rows, region_slots, vl[0].features.shape[1], dtype=dtype)
     images = None
     if vl and vl[0].image is not None:
@@ -235,22 +286,37 @@ def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = Fa
         hidden[row, :k] = torch.from_numpy(example.region_hidden)
         selected[row, :k] = torch.from_numpy(example.region_selected)
         image_size[row] = torch.tensor(example.image_size)
-        if features is not None:
+        if feature_scale is not None:  # RoI 0 stays zero: the device fills it with the visible boxes' mean
+            features[row, 1:k] = _as_tensor(example.features).view(dtype)
+            feature_scale[row, 1:k] = torch.from_numpy(example.feature_scale)
+        elif features is not None:
             features[row, 0] = torch.from_numpy(example.whole_image_feature)
             features[row, 1:k] = _as_tensor(example.features)
         if images is not None:
             _, h, w = example.image.shape
             images[row, :, :h, :w] = example.image
-        targets.append(torch.from_numpy(example.region_targets))
+    sparse_widths = {e.region_target_classes.shape[1] for e in vl if e.region_target_classes is not None}
+    dense_rows = any(e.region_target_classes is None and e.region_targets.shape[0] for e in vl)
+    mrc_classes = None
+    if len(sparse_widths) == 1 and not dense_rows:
+        (width,) = sparse_widths
+        sparse_rows = [(e.region_targets, e.region_target_classes) if e.region_target_classes is not None
+                       else (np.zeros((0, width), np.float32), np.zeros((0, width), np.int64)) for e in vl]
+        targets = [torch.from_numpy(probs) for probs, _ in sparse_rows]
+        mrc_classes = torch.cat([torch.from_numpy(classes) for _, classes in sparse_rows])
+    else:
+        targets = [torch.from_numpy(_dense_targets(e, num_region_classes)) for e in vl]
     mrc_targets = torch.cat(targets) if targets else None
     if drop_labels:
         labels.fill_(IGNORE)
         selected.fill_(False)
         if mrc_targets is not None:
             mrc_targets = mrc_targets[:0]
+            mrc_classes = None if mrc_classes is None else mrc_classes[:0]
     return VLBatch(
         input_ids=input_ids, text_mask=text_mask, token_type_ids=torch.zeros_like(input_ids),
         has_image=torch.arange(rows) < len(vl), boxes=boxes, region_mask=region_mask, image_size=image_size,
         region_features=features, images=images, region_masked=hidden, mlm_labels=labels,
         mrc_select=selected if mrc_targets is not None else None, mrc_targets=mrc_targets,
+        region_feature_scale=feature_scale, mrc_target_classes=mrc_classes,
     )

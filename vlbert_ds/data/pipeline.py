@@ -112,6 +112,8 @@ class LoaderConfig:
     shuffle_buffer: int = 1000  # samples, per logical reader and stream
     readers: int = 0  # logical readers (0: 4 per micro-batch slot of a step); fixed for a run
     reset_position: bool = False  # a saved position of another data config: start the next epoch instead
+    cache_dir: str | None = None  # node-local shard cache (`vlbert_ds.data.cache`); None = off
+    cache_size_gb: float = 0.0  # its bound (0 = none)
     shard_open_attempts: int = 5
     shard_retry_delay: float = 0.5
     example: ExampleConfig = field(default_factory=ExampleConfig)
@@ -486,7 +488,8 @@ class _ReaderBatches:
         text: list[TextExample] = [next(self.text) for _ in range(config.text_per_batch)]
         padding = not vl
         rows = vl if vl else [self.stream.filler(self.tools)]
-        return LoaderBatch(batch=collate(rows, text, drop_labels=padding), keys=[e.key for e in vl],
+        batch = collate(rows, text, drop_labels=padding, num_region_classes=config.example.num_region_classes)
+        return LoaderBatch(batch=batch, keys=[e.key for e in vl],
                            shards=[e.shard for e in vl], padding=padding, skipped=self.skipped.take(),
                            reader=self.reader, item=item, vl_taken=self.vl_samples.taken,
                            text_taken=self.text_samples.taken if self.text_samples is not None else 0,

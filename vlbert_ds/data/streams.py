@@ -12,6 +12,7 @@ hands out into the stream's position, and starts DataLoader workers without movi
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import re
 import signal
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from vlbert_ds.data import storage
+from vlbert_ds.data.cache import shard_cache
 from vlbert_ds.data.tarstream import iter_members
 from vlbert_ds.lifecycle import die_with_parent, stop_children_at_exit
 
@@ -38,6 +40,8 @@ class ReadSettings:
 
     shard_open_attempts: int = 5
     shard_retry_delay: float = 0.5
+    cache_dir: str | None = None  # node-local shard cache; None = read storage every time
+    cache_size_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,19 @@ def _group_samples(stream, url: str, skipped: SkipCounter) -> Iterator[dict[str,
 
 
 def read_indexed(piece: ShardPiece, config: ReadSettings, skipped: SkipCounter) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(index in the shard, sample) of the piece's samples, in shard order; an unreadable shard yields none."""
+    """(index in the shard, sample) of the piece's samples, in shard order; an unreadable shard yields none.
+
+    With `config.cache_dir` the shard is read from the node's local copy (fetched on first use)."""
+    cache = shard_cache(config.cache_dir, int(config.cache_size_gb * 1e9))
+    stream = None
+    local = cache.local_path(piece.url) if cache is not None else None
+    if local is not None:
+        with contextlib.suppress(FileNotFoundError):  # evicted by another process since: read storage
+            stream = open(local, "rb", buffering=1 << 20)  # noqa: SIM115 (closed by the `with` below)
     try:
-        stream = storage.ResumableReader(piece.url, config.shard_open_attempts, config.shard_retry_delay,
-                                         on_retry=lambda url, err: skipped.update(["shard_read_retry"]))
+        if stream is None:
+            stream = storage.ResumableReader(piece.url, config.shard_open_attempts, config.shard_retry_delay,
+                                             on_retry=lambda url, err: skipped.update(["shard_read_retry"]))
     except Exception as err:
         skipped["shard_unreadable"] += 1
         log.error("skipping shard %s after %d attempts: %s", piece.url, config.shard_open_attempts, err)

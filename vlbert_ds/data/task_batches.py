@@ -9,6 +9,7 @@ object tags rendered as words whose visual part is that object's RoI), `[CLS] ex
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -23,8 +24,8 @@ from torch.utils.data import get_worker_info
 from vlbert_ds.data import storage
 from vlbert_ds.data.boxes import with_image_roi
 from vlbert_ds.data.elastic import DEFAULT_READERS_PER_SLOT, Layout, ReaderSamples
-from vlbert_ds.data.examples import TokenizerTools
-from vlbert_ds.data.schema import TASK_KINDS, SampleError, TaskRecord, decode_task
+from vlbert_ds.data.examples import FEATURE_TENSOR_DTYPES, TokenizerTools
+from vlbert_ds.data.schema import TASK_KINDS, SampleError, TaskRecord, decode_task, dequantize_features
 from vlbert_ds.data.streams import (
     ReadSettings,
     ResumableLoader,
@@ -61,6 +62,8 @@ class TaskDataConfig:
     train: bool = True  # training drops VQA items with no answer in the vocabulary
     readers: int = 0  # logical readers (0: 4 per micro-batch slot of a step); fixed for a run
     reset_position: bool = False  # a saved position of another data config: start a fresh pass instead
+    cache_dir: str | None = None  # node-local shard cache (`vlbert_ds.data.cache`); None = off
+    cache_size_gb: float = 0.0  # its bound (0 = none)
 
     def validate(self) -> None:
         if self.task not in TASK_KINDS:
@@ -88,7 +91,7 @@ class TaskExample:
     key: str
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per sequence: ids, segment ids, visual RoI index
     boxes: np.ndarray  # [R, 4], RoI 0 = whole image
-    features: np.ndarray  # [R, D] float32, row 0 = mean of the box features
+    features: np.ndarray  # [R, D] float32, row 0 = mean of the box features; compact: [R-1, D] codes
     image_size: tuple[float, float]
     answer_position: int = 0
     answer_target: np.ndarray | None = None
@@ -96,6 +99,8 @@ class TaskExample:
     region_label: np.ndarray | None = None
     object_labels: np.ndarray | None = None  # VCR [R] long: detector category per RoI, -1 = not a known class
     target_box: np.ndarray | None = None
+    feature_scale: np.ndarray | None = None  # format-2 compact codes (RoI 0 is made on the device)
+    feature_dtype: str = "float16"
 
 
 class TaskExampleMaker:
@@ -113,11 +118,21 @@ class TaskExampleMaker:
 
     def _visual(self, record: TaskRecord) -> tuple[np.ndarray, np.ndarray]:
         width, height = float(record.image_width), float(record.image_height)
+        boxes = with_image_roi(record.boxes[: self.config.max_regions], width, height)
+        if record.feature_scale is not None:  # compact codes travel as they are; no RoI-0 row
+            return boxes, record.features[: self.config.max_regions]
         features = record.features[: self.config.max_regions].astype(np.float32)
         whole = features.mean(0, keepdims=True) if len(features) else np.zeros((1, features.shape[1]), np.float32)
-        return with_image_roi(record.boxes[: self.config.max_regions], width, height), np.concatenate((whole, features))
+        return boxes, np.concatenate((whole, features))
 
     def __call__(self, record: TaskRecord) -> TaskExample:
+        example = self._example(record)
+        if record.feature_scale is not None:
+            example.feature_scale = record.feature_scale[: self.config.max_regions]
+            example.feature_dtype = record.feature_dtype
+        return example
+
+    def _example(self, record: TaskRecord) -> TaskExample:
         boxes, features = self._visual(record)
         size = (float(record.image_width), float(record.image_height))
         meta, tools, limit = record.meta, self.tools, self.config.max_text
@@ -203,6 +218,15 @@ class TaskExampleMaker:
                            object_labels=object_labels)
 
 
+def _widened_on_host(example: TaskExample) -> TaskExample:
+    if example.feature_scale is None:
+        return example
+    values = dequantize_features(example.features, example.feature_scale, example.feature_dtype)
+    whole = values.mean(0, keepdims=True) if len(values) else np.zeros((1, values.shape[1]), np.float32)
+    return dataclasses.replace(example, features=np.concatenate((whole, values)), feature_scale=None,
+                               feature_dtype="float16")
+
+
 def collate_task(examples: list[TaskExample], task: str) -> TaskBatch:
     rows = [row for example in examples for row in example.rows]
     count = len(rows)
@@ -215,7 +239,12 @@ def collate_task(examples: list[TaskExample], task: str) -> TaskBatch:
     visual_index = torch.zeros(count, text_slots, dtype=torch.long)
     boxes = torch.zeros(count, region_slots, 4)
     region_mask = torch.zeros(count, region_slots, dtype=torch.bool)
-    features = torch.zeros(count, region_slots, dim)
+    compact = all(e.feature_scale is not None and e.feature_dtype == examples[0].feature_dtype for e in examples)
+    if not compact and any(e.feature_scale is not None for e in examples):  # mixed formats: widen here
+        examples = [_widened_on_host(e) for e in examples]
+    feature_scale = torch.zeros(count, region_slots) if compact else None
+    code_dtype = FEATURE_TENSOR_DTYPES[examples[0].feature_dtype] if compact else torch.float32
+    features = torch.zeros(count, region_slots, dim, dtype=code_dtype)
     image_size = torch.zeros(count, 2)
     row = 0
     for example in examples:
@@ -228,12 +257,16 @@ def collate_task(examples: list[TaskExample], task: str) -> TaskBatch:
             visual_index[row, :n] = torch.from_numpy(visual)
             boxes[row, :k] = torch.from_numpy(example.boxes)
             region_mask[row, :k] = True
-            features[row, :k] = torch.from_numpy(example.features)
+            if feature_scale is not None:  # RoI 0 stays zero: `VLBatch.widened` fills it on the device
+                features[row, 1:k] = torch.from_numpy(example.features).view(code_dtype)
+                feature_scale[row, 1:k] = torch.from_numpy(example.feature_scale)
+            else:
+                features[row, :k] = torch.from_numpy(example.features)
             image_size[row] = torch.tensor(example.image_size)
             row += 1
     batch = VLBatch(input_ids=input_ids, text_mask=text_mask, token_type_ids=segments,
                     has_image=torch.ones(count, dtype=torch.bool), boxes=boxes, region_mask=region_mask,
-                    image_size=image_size, region_features=features,
+                    image_size=image_size, region_features=features, region_feature_scale=feature_scale,
                     text_visual_index=visual_index if task == "vcr" else None)
     out = TaskBatch(batch=batch, keys=[e.key for e in examples])
     if task == "vqa":
@@ -404,7 +437,9 @@ class _TaskReader:
     def _open(self, epoch: int, taken: int) -> ReaderSamples:
         config = self.stream.config
         return ReaderSamples(lambda: iter(self.stream.reader_pieces(self.reader, epoch)), config.shuffle_buffer,
-                             f"{config.seed}/{epoch}/reader{self.reader}/task", _READ, self.skipped, taken)
+                             f"{config.seed}/{epoch}/reader{self.reader}/task",
+                             ReadSettings(cache_dir=config.cache_dir, cache_size_gb=config.cache_size_gb),
+                             self.skipped, taken)
 
     def next_batch(self, item: int) -> TaskLoaderBatch:
         config = self.stream.config

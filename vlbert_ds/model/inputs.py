@@ -41,6 +41,12 @@ class VLBatch:
         mrc_select       [B, R] bool   RoIs whose class distribution is predicted.
         mrc_targets      [S, C] float  soft labels of the selected RoIs, in `mrc_select.nonzero()` order.
         sentence_image_labels [B] long 1 = caption matches the image (only with the SIRP head on).
+    Compact form (what the loader sends for format-2 shards; `widened` makes the plain form on the
+    device, and the models call it first)
+        region_feature_scale [B, R] float  `region_features` are int8 or float8 e4m3 codes and a RoI's
+                                       feature is code x scale; RoI 0 (the whole image) is then the
+                                       mean of the row's visible detector RoIs, computed in `widened`.
+        mrc_target_classes [S, k] long `mrc_targets` [S, k] are the probabilities of these classes only.
     """
 
     input_ids: Tensor
@@ -58,6 +64,34 @@ class VLBatch:
     mrc_select: Tensor | None = None
     mrc_targets: Tensor | None = None
     sentence_image_labels: Tensor | None = None
+    region_feature_scale: Tensor | None = None
+    mrc_target_classes: Tensor | None = None
+
+    def widened(self, num_region_classes: int) -> VLBatch:
+        """The plain form of a compact batch: float32 features, dense [S, C] class targets.
+
+        Runs where the batch is (the device), so the host never holds the widened arrays. RoI 0 gets
+        the official precomputed whole-image feature, the mean over the boxes left visible; here over
+        the boxes in the sequence, so a box cut by the 64-element truncation no longer counts in it
+        (format 1 batches, whose RoI 0 the loader computes, count every box of the sample).
+        """
+        changes: dict[str, Tensor | None] = {}
+        if self.region_feature_scale is not None and self.region_features is not None:
+            features = self.region_features.float() * self.region_feature_scale[..., None].float()
+            if features.shape[1]:
+                visible = self.region_mask.bool().clone()
+                visible[:, 0] = False
+                if self.region_masked is not None:
+                    visible &= ~self.region_masked.bool()
+                weight = visible.float()[..., None]
+                whole = (features * weight).sum(1) / (weight.sum(1) + 1e-5)
+                features[:, 0] = torch.where(self.region_mask[:, :1].bool(), whole, features[:, 0])
+            changes.update(region_features=features, region_feature_scale=None)
+        if self.mrc_target_classes is not None and self.mrc_targets is not None:
+            dense = self.mrc_targets.new_zeros(self.mrc_targets.shape[0], num_region_classes, dtype=torch.float32)
+            dense.scatter_(1, self.mrc_target_classes.long(), self.mrc_targets.float())
+            changes.update(mrc_targets=dense, mrc_target_classes=None)
+        return dataclasses.replace(self, **changes) if changes else self
 
     @classmethod
     def text_only(cls, input_ids: Tensor, text_mask: Tensor | None = None,
@@ -83,12 +117,13 @@ class VLBatch:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name in ("mrc_targets", "images"):
+            if value is None or f.name in ("mrc_targets", "mrc_target_classes", "images"):
                 continue
             value = value[rows]
             if f.name in ("input_ids", "text_mask", "token_type_ids", "text_visual_index", "mlm_labels"):
                 value = value[:, :text_len]
-            elif f.name in ("boxes", "region_mask", "region_features", "region_masked", "mrc_select"):
+            elif f.name in ("boxes", "region_mask", "region_features", "region_masked", "mrc_select",
+                            "region_feature_scale"):
                 value = value[:, :region_len]
             out[f.name] = value
         if self.images is not None:

@@ -136,6 +136,7 @@ class VLBertModel(_Pretrained):
         return vectors.masked_scatter(region_mask[..., None], fused.to(out_dtype))
 
     def forward(self, batch: VLBatch, append_end: bool = True) -> VLBertOutput:
+        batch = batch.widened(self.config.num_region_classes)  # compact loader batches (format 2)
         validate_batch(batch, self.config, append_end)
         has_image = batch.has_image.bool()
         if self.config.bucket_by_modality and bool(has_image.any()) and not bool(has_image.all()):
@@ -236,6 +237,7 @@ class VLBertForPretraining(_Pretrained):
                 init_bert_weights(head, config.initializer_range)
 
     def forward(self, batch: VLBatch) -> PretrainingOutput:
+        batch = batch.widened(self.config.num_region_classes)
         out = self.vlbert(batch)
         has_image = batch.has_image.bool()
         losses: dict[str, Tensor] = {}

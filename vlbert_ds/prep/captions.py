@@ -28,7 +28,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from vlbert_ds.data.schema import SampleError, VLRecord, encode_vl
+from vlbert_ds.data.schema import Compaction, SampleError, VLRecord, encode_vl
 from vlbert_ds.prep.images import check_boxes, open_image, read_bytes, resize_and_encode
 from vlbert_ds.prep.lazy import LazyTools
 from vlbert_ds.prep.regions import Regions, open_regions, select_boxes
@@ -147,7 +147,8 @@ class CaptionSampleMaker(LazyTools):
 
     def __init__(self, image_root: str, regions: str | None, tokenizer: str, with_images: bool = True,
                  short_side: int = 600, max_long_side: int = 1000, quality: int = 90,
-                 allow_local_urls: bool = False) -> None:
+                 allow_local_urls: bool = False, compaction: Compaction | None = None) -> None:
+        self.compaction = compaction or Compaction()
         self.image_root, self.regions_spec, self.tokenizer_folder = image_root, regions, tokenizer
         self.allow_local_urls = allow_local_urls
         self.with_images, self.short_side, self.max_long_side, self.quality = (
@@ -203,7 +204,7 @@ class CaptionSampleMaker(LazyTools):
             raise SampleError("missing_features")
         record = VLRecord(key=f"{shard:06d}_{position:06d}", caption=caption, image_width=width,
                           image_height=height, boxes=boxes * scale, scores=scores, features=features, jpeg=jpeg)
-        sample = encode_vl(record)
+        sample = encode_vl(record, self.compaction)
         meta = json.loads(sample["json"])
         meta["source"] = {"image": row.image, "image_id": row.image_id}
         sample["json"] = json.dumps(meta).encode()

@@ -16,6 +16,7 @@ import fsspec
 
 from vlbert_ds.bundled import default_bert
 from vlbert_ds.data import storage
+from vlbert_ds.data.schema import DEFAULT_CLASS_TOPK, FEATURE_DTYPES, Compaction
 from vlbert_ds.prep.writer import PrepSummary, chunk, write_dataset
 
 
@@ -29,12 +30,27 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="write every skipped input row with its reason here, one JSON object a line")
 
 
+def _compaction(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default="int8",
+                        help="how region features are stored (format 2): int8 or float8 (e4m3) codes with a "
+                             "per-box scale, widened on the device, or float16 as format 1 (default: int8)")
+    parser.add_argument("--class-topk", type=int, default=None, metavar="K",
+                        help="keep each box's K most likely classes, renormalised (0: dense distributions; "
+                             f"default: {DEFAULT_CLASS_TOPK}, >= 99%% of the mass of detector-like distributions, "
+                             "when that is under half the class count, else dense)")
+
+
+def compaction_of(args: argparse.Namespace) -> Compaction:
+    return Compaction(feature_dtype=args.feature_dtype, class_topk=args.class_topk)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlbert-prep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     captions = sub.add_parser("captions", help="image-caption manifest (+ region files) -> vision-language shards")
     _common(captions)
+    _compaction(captions)
     captions.add_argument("--manifest", required=True, help="JSONL, TSV/CSV (header) or parquet")
     captions.add_argument("--image-root", default=None, help="folder that relative image paths live in "
                           "(default: the manifest's folder)")
@@ -64,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     default = sub.add_parser("default", help="the embedded default dataset (synthetic scenes + English text)")
     _common(default)
+    _compaction(default)
     default.add_argument("--num-images", type=int, default=3000)
     default.add_argument("--num-val-images", type=int, default=300)
     default.add_argument("--num-text-segments", type=int, default=3000)
@@ -73,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     default.add_argument("--seed", type=int, default=0)
     vqa = sub.add_parser("vqa", help="VQA v2 questions (+ annotations) and region features -> task shards")
     _common(vqa)
+    _compaction(vqa)
     vqa.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_*_questions.json")
     vqa.add_argument("--annotations", default=None, help="v2_mscoco_*_annotations.json (absent for test)")
     vqa.add_argument("--regions", required=True, help="bottom-up-attention TSV file(s) or a folder of frcnn JSON")
@@ -84,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vcr = sub.add_parser("vcr", help="VCR jsonl + per-image metadata + region features -> task shards")
     _common(vcr)
+    _compaction(vcr)
     vcr.add_argument("--annotations", required=True, help="train.jsonl / val.jsonl / test.jsonl")
     vcr.add_argument("--metadata-root", required=True, help="folder that the items' metadata_fn paths live in")
     vcr.add_argument("--regions", required=True, help="features of the VCR boxes, keyed by metadata file stem")
@@ -91,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     refcoco = sub.add_parser("refcoco", help="RefCOCO+ refs (JSON) + COCO instances + region features -> shards")
     _common(refcoco)
+    _compaction(refcoco)
     refcoco.add_argument("--refs", required=True, help="refs(unc) converted to JSON (we never unpickle)")
     refcoco.add_argument("--instances", required=True, help="COCO instances_train2014.json")
     refcoco.add_argument("--split", required=True, help="train, val, testA or testB")
@@ -131,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--train-images", type=int, default=None, help="use only the first N training scenes")
     trainer.add_argument("--eval-images", type=int, default=300)
     trainer.add_argument("--seed", type=int, default=0)
+
+    reformat = sub.add_parser("convert", help="rewrite existing shards (format 1 or 2) as format 2, e.g. with "
+                              "compact features: vlbert-prep convert OLD --out NEW --to-format 2")
+    _common(reformat)
+    _compaction(reformat)
+    reformat.add_argument("source", help="the shards to convert: a folder, brace pattern or glob (any fsspec URL)")
+    reformat.add_argument("--to-format", type=int, choices=[2], required=True, help="the format to write (2)")
 
     convert = sub.add_parser("convert-detector", help="a detector weights file (.pkl of numpy arrays, .pth) -> "
                              "safetensors, names unchanged, without running any code in it")
@@ -207,7 +234,7 @@ def run_task(args: argparse.Namespace) -> list[PrepSummary]:
         rows = converters.refcoco_rows(args.refs, args.instances, args.split)
         if not rows:
             raise ValueError(f"no RefCOCO+ references in split {args.split!r}")
-    maker = converters.TaskRowMaker(args.command, args.regions)
+    maker = converters.TaskRowMaker(args.command, args.regions, compaction_of(args))
     return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, args.command,
                           args.processes, args.overwrite, args.skipped_log)]
 
@@ -231,6 +258,11 @@ def run(args: argparse.Namespace) -> list[PrepSummary]:
         return [run_regions(args)]
     if args.command in ("vqa", "vcr", "refcoco"):
         return run_task(args)
+    if args.command == "convert":
+        from vlbert_ds.prep.convert import convert_dataset
+
+        return [convert_dataset(args.source, args.out, compaction_of(args), args.processes, args.overwrite,
+                                args.skipped_log)]
     tokenizer = args.tokenizer or default_bert()
     if args.command == "captions":
         from vlbert_ds.prep.captions import CaptionSampleMaker, read_manifest
@@ -251,7 +283,7 @@ def run(args: argparse.Namespace) -> list[PrepSummary]:
             print(found.table(), flush=True)
         maker = CaptionSampleMaker(root, regions, tokenizer, with_images=not args.no_images,
                                    short_side=args.short_side, max_long_side=args.max_long_side,
-                                   allow_local_urls=args.allow_local_urls)
+                                   allow_local_urls=args.allow_local_urls, compaction=compaction_of(args))
         return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, "vl", args.processes,
                               args.overwrite, args.skipped_log)]
     if args.command == "text":
@@ -265,7 +297,7 @@ def run(args: argparse.Namespace) -> list[PrepSummary]:
 
     return prepare_default(args.out, tokenizer, args.num_images, args.num_val_images, args.num_text_segments,
                            args.image_width, args.image_height, args.samples_per_shard, args.seed, args.processes,
-                           args.overwrite)
+                           args.overwrite, compaction_of(args))
 
 
 # Each command's input arguments: (attribute, flag, what it must be).
@@ -279,6 +311,7 @@ _INPUTS = {
             ("regions", "--regions", "any")],
     "refcoco": [("refs", "--refs", "file"), ("instances", "--instances", "file"), ("regions", "--regions", "any")],
     "regions": [("manifest", "--manifest", "file"), ("image_root", "--image-root", "folder")],
+    "convert": [("source", "source", "any")],
 }
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlbert_ds.data import storage
-from vlbert_ds.data.schema import VLRecord, encode_vl
+from vlbert_ds.data.schema import Compaction, VLRecord, encode_vl
 from vlbert_ds.prep.text import TextSegmentMaker, segment_windows
 from vlbert_ds.prep.writer import PrepSummary, chunk, write_dataset
 
@@ -162,8 +162,10 @@ class PixelFeatures:
 class DefaultSceneMaker:
     """Row = scene index; picklable (numpy arrays only)."""
 
-    def __init__(self, seed: int, width: int, height: int, quality: int = 90) -> None:
+    def __init__(self, seed: int, width: int, height: int, quality: int = 90,
+                 compaction: Compaction | None = None) -> None:
         self.seed, self.width, self.height, self.quality = seed, width, height, quality
+        self.compaction = compaction or Compaction()
         self.features = PixelFeatures(seed=0)
 
     def __call__(self, index: int, shard: int, position: int) -> list[dict[str, Any]]:
@@ -177,7 +179,7 @@ class DefaultSceneMaker:
                           image_height=self.height, boxes=boxes,
                           scores=np.stack([soft_scores(o.colour, o.shape) for o in objects]),
                           features=np.stack([self.features(pixels, o.box) for o in objects]), jpeg=jpeg)
-        sample = encode_vl(record)
+        sample = encode_vl(record, self.compaction)
         meta = json.loads(sample["json"])
         meta["objects"] = [{"colour": COLOUR_NAMES[o.colour], "shape": SHAPES[o.shape]} for o in objects]
         meta["scene_index"] = index
@@ -201,10 +203,10 @@ def english_paragraphs() -> list[str]:
 def prepare_default(out: str, tokenizer: str, num_images: int = 3000, num_val_images: int = 300,
                     num_text_segments: int = 3000, width: int = 320, height: int = 240,
                     samples_per_shard: int = 250, seed: int = 0, processes: int = 2,
-                    overwrite: bool = False) -> list[PrepSummary]:
+                    overwrite: bool = False, compaction: Compaction | None = None) -> list[PrepSummary]:
     """Write `out/vl/train`, `out/vl/val`, `out/text/train` and `out/classes.json`."""
     storage.makedirs(out)
-    maker = DefaultSceneMaker(seed, width, height)
+    maker = DefaultSceneMaker(seed, width, height, compaction=compaction)
     summaries = [
         write_dataset(storage.join(out, "vl/train"), list(chunk(range(num_images), samples_per_shard)), maker,
                       "vl", processes, overwrite),

@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from vlbert_ds.data.schema import SampleError, TaskRecord, encode_task
+from vlbert_ds.data.schema import Compaction, SampleError, TaskRecord, encode_task
 from vlbert_ds.prep.regions import Regions, open_regions, select_boxes
 
 _PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$:~|]")
@@ -98,8 +98,9 @@ class TaskRow:
 class TaskRowMaker:
     """TaskRow -> one task sample, with features from the region source (opened lazily per worker)."""
 
-    def __init__(self, kind: str, regions: str) -> None:
+    def __init__(self, kind: str, regions: str, compaction: Compaction | None = None) -> None:
         self.kind, self.regions_spec, self._regions = kind, regions, None
+        self.compaction = compaction or Compaction()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_regions": None}
@@ -122,7 +123,7 @@ class TaskRowMaker:
                             meta={**row.fields, "item_id": row.item_id, "image_id": row.image_id},
                             image_width=int(width), image_height=int(height), boxes=boxes.astype(np.float32),
                             features=regions.features)
-        return [encode_task(record)]
+        return [encode_task(record, self.compaction)]
 
 
 def vqa_rows(questions_url: str, annotations_url: str | None) -> list[TaskRow]:

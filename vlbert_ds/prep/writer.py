@@ -106,10 +106,11 @@ def key_value_table(rows: list[tuple[str, str]]) -> str:
 
 class _CountingWriter:
     def __init__(self, handle) -> None:
-        self.handle, self.bytes = handle, 0
+        self.handle, self.bytes, self.digest = handle, 0, hashlib.sha256()
 
     def write(self, data: bytes) -> int:
         self.bytes += len(data)
+        self.digest.update(data)
         return self.handle.write(data)
 
     def flush(self) -> None:
@@ -193,6 +194,7 @@ def write_shard(out: str, job: ShardJob, make: Callable[[Any, int, int], Iterabl
     skipped_rows: list[dict[str, Any]] = []
     count = 0
     written = [0]
+    checksum = [""]
     tick = on_row or _count_row
 
     def write(handle) -> None:
@@ -216,11 +218,13 @@ def write_shard(out: str, job: ShardJob, make: Callable[[Any, int, int], Iterabl
                     count += 1
                 tick()
         written[0] = counter.bytes
+        checksum[0] = counter.digest.hexdigest()
 
     storage.write_atomic(storage.join(out, shard_name(job.index)), write)
     stats = {"format": FORMAT_VERSION, "kind": kind, "shard": shard_name(job.index), "rows": len(job.rows),
              "first_row": job.first_row, "input_digest": digest, "successes": count, "skipped": dict(skipped),
-             "skipped_rows": skipped_rows, "bytes": written[0], "start_time": start, "end_time": time.time(),
+             "skipped_rows": skipped_rows, "bytes": written[0], "sha256": checksum[0], "start_time": start,
+             "end_time": time.time(),
              "duration": time.time() - start}
     storage.write_json_atomic(storage.join(out, stats_name(job.index)), stats)
     return stats

@@ -48,7 +48,17 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
-class DataSection:
+class ShardCacheOptions:
+    """The node-local shard cache (`vlbert_ds.data.cache`), the same for pretraining and fine-tuning."""
+
+    cache_dir: str = option("", "node-local folder that keeps a copy of every shard read, shared by the node's "
+                                "ranks, so that epoch 2 on reads local disk ('' = off)")
+    cache_size_gb: float = option(0.0, "bound of data.cache_dir in GB, least recently used shards evicted first "
+                                       "(0 = no bound)")
+
+
+@dataclass(frozen=True)
+class DataSection(ShardCacheOptions):
     vl_sources: list[str] = option([], "image-caption shard specs (folder, brace pattern, glob, '::' list; "
                                        "any fsspec URL)")
     vl_weights: list[float] = option([], "sampling weight per vl source (resampled mode; default equal)")
@@ -75,7 +85,7 @@ class DataSection:
 
 
 @dataclass(frozen=True)
-class TaskDataSection:
+class TaskDataSection(ShardCacheOptions):
     """What fine-tuning reads of `data`: the task's shards are named in `task`."""
 
     tokenizer: str = option("default", "tokenizer folder ('default' = the bundled MiniLM's)")
@@ -315,6 +325,8 @@ class PretrainConfig(RunConfig):
         _need(data.text_per_batch >= 0, f"data.text_per_batch must be >= 0, got {data.text_per_batch}")
         _need(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
         _need(data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
+        _need(math.isfinite(data.cache_size_gb) and data.cache_size_gb >= 0,
+              f"data.cache_size_gb must be >= 0 (0 = no bound), got {data.cache_size_gb}")
         _need(data.max_elements >= 4, f"data.max_elements must be >= 4 ([CLS] word [SEP] + RoI 0), "
                                       f"got {data.max_elements}")
         _need(data.text_segment_len >= 3, f"data.text_segment_len must be >= 3, got {data.text_segment_len}")
@@ -368,6 +380,8 @@ class FinetuneConfig(RunConfig):
         _need(self.task.eval_every >= 0, "task.eval_every must be >= 0")
         _need(self.data.num_workers >= 0 and self.data.shuffle_buffer >= 0,
               "data.num_workers and data.shuffle_buffer must be >= 0")
+        _need(math.isfinite(self.data.cache_size_gb) and self.data.cache_size_gb >= 0,
+              f"data.cache_size_gb must be >= 0 (0 = no bound), got {self.data.cache_size_gb}")
         _need(self.task.object_classes != "file" or bool(self.task.object_classes_file),
               "task.object_classes=file needs task.object_classes_file")
 

@@ -89,7 +89,8 @@ def data_config(config: FinetuneConfig, answers: list[str], train: bool, classes
                           vcr_mode=config.task.vcr_mode, max_text=config.task.max_text,
                           batch_size=config.task.batch_size, num_workers=config.data.num_workers if train else 0,
                           shuffle_buffer=config.data.shuffle_buffer, seed=config.train.seed, train=train,
-                          readers=config.data.readers,
+                          readers=config.data.readers, cache_dir=config.data.cache_dir or None,
+                          cache_size_gb=config.data.cache_size_gb,
                           reset_position=config.data.reset_position or config.checkpoint.force_resume)
 
 

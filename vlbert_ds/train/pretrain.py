@@ -39,6 +39,7 @@ def loader_config(config: PretrainConfig):
         vl_per_batch=data.vl_per_batch, text_per_batch=data.text_per_batch,
         samples_per_epoch=data.samples_per_epoch or None, num_workers=data.num_workers, seed=config.train.seed,
         shuffle_buffer=data.shuffle_buffer, readers=data.readers,
+        cache_dir=data.cache_dir or None, cache_size_gb=data.cache_size_gb,
         reset_position=data.reset_position or config.checkpoint.force_resume,  # forced: data restarts
         example=ExampleConfig(max_elements=data.max_elements, text_segment_len=data.text_segment_len,
                               num_region_classes=config.model.num_region_classes,
