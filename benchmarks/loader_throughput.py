@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from vlbert_ds.bundled import default_bert as default_tokenizer  # noqa: E402
 from vlbert_ds.data import ExampleConfig, LoaderConfig, PretrainStream, SourceSpec  # noqa: E402
-from vlbert_ds.data.schema import VLRecord, encode_vl  # noqa: E402
+from vlbert_ds.data.schema import Compaction, VLRecord, encode_vl  # noqa: E402
 from vlbert_ds.prep.default import make_scene  # noqa: E402
 from vlbert_ds.prep.writer import chunk, write_dataset  # noqa: E402
 
@@ -57,8 +58,9 @@ def synthetic_detections(index: int) -> dict:
 
 
 class ShardMaker:
-    def __init__(self, with_images: bool) -> None:
+    def __init__(self, with_images: bool, compaction: Compaction | None = None) -> None:
         self.with_images = with_images
+        self.compaction = compaction or Compaction()
 
     def __call__(self, index: int, shard: int, position: int):
         d = synthetic_detections(index)
@@ -66,7 +68,7 @@ class ShardMaker:
         record = VLRecord(key=f"{shard:06d}_{position:06d}", caption=d["caption"], image_width=d["width"],
                           image_height=d["height"], boxes=d["boxes"][order], scores=d["scores"][order],
                           features=d["features"][order], jpeg=d["jpeg"] if self.with_images else None)
-        return [encode_vl(record)]
+        return [encode_vl(record, self.compaction)]
 
 
 def write_official(folder: Path, samples: int, fs=None, prefix: str = "") -> list[str]:
@@ -149,6 +151,7 @@ def time_ours(url: str, front_end: str, samples: int) -> float:
                           vl_per_batch=32, text_per_batch=0, num_workers=1, shuffle_buffer=100,
                           example=ExampleConfig(visual_front_end=front_end))
     stream = PretrainStream(config)
+    torch.set_num_threads(1)  # one core, as in a DataLoader worker (PyTorch sets 1 thread there)
     iterator = iter(stream)
     total = len(next(iterator).keys)  # start-up (imports, tokenizer) is not per-sample work: clock starts here
     start, seen = time.perf_counter(), 0
@@ -173,18 +176,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-s3", action="store_true")
     args = parser.parse_args(argv)
     rows = []
+    # (front end, images in the shards, how the shards store features and class scores)
+    settings = [("precomputed", False, "float16, dense (format 1 layout)", Compaction("float16", 0)),
+                ("precomputed", False, "int8, top-32 (format 2 default)", Compaction("int8")),
+                ("precomputed", False, "float8, top-32", Compaction("float8")),
+                ("end_to_end", True, "int8, top-32 (format 2 default)", Compaction("int8"))]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        official = {}
         for front_end, with_images in (("precomputed", False), ("end_to_end", True)):
-            ours_dir = tmp / f"ours-{front_end}"
-            write_dataset(str(ours_dir), list(chunk(range(args.samples), 100)), ShardMaker(with_images), "vl")
             official_dir = tmp / f"official-{front_end}"
             official_dir.mkdir()
-            paths = write_official(official_dir, args.samples)
+            official[front_end] = time_official(write_official(official_dir, args.samples), with_images)
+        for number, (front_end, with_images, storage_name, compaction) in enumerate(settings):
+            ours_dir = tmp / f"ours-{number}"
+            write_dataset(str(ours_dir), list(chunk(range(args.samples), 100)), ShardMaker(with_images, compaction),
+                          "vl")
+            size = sum(f.stat().st_size for f in ours_dir.glob("*.tar")) / args.samples
             ours = time_ours(str(ours_dir), front_end, args.samples)
-            official = time_official(paths, with_images)
-            rows.append({"front_end": front_end, "storage": "local", "ours_samples_per_s": ours,
-                         "official_samples_per_s": official, "ratio": ours / official})
+            rows.append({"front_end": front_end, "storage": "local", "shards": storage_name,
+                         "bytes_per_sample": size, "ours_samples_per_s": ours,
+                         "official_samples_per_s": official[front_end], "ratio": ours / official[front_end]})
         if not args.no_s3:
             import s3fs
             from services import running_s3
@@ -193,23 +205,29 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.update(server.env())
                 fs = s3fs.S3FileSystem()
                 for front_end, with_images in (("precomputed", False), ("end_to_end", True)):
-                    url = f"s3://bench/ours-{front_end}"
-                    write_dataset(url, list(chunk(range(args.samples), 100)), ShardMaker(with_images), "vl")
                     paths = write_official(None, args.samples, fs, f"bench/official-{front_end}")
+                    official[front_end] = time_official(paths, with_images, fs)
+                for number, (front_end, with_images, storage_name, compaction) in enumerate(settings):
+                    if storage_name.startswith("float8"):
+                        continue
+                    url = f"s3://bench/ours-{number}"
+                    write_dataset(url, list(chunk(range(args.samples), 100)), ShardMaker(with_images, compaction),
+                                  "vl")
                     ours = time_ours(url, front_end, args.samples)
-                    official = time_official(paths, with_images, fs)
-                    rows.append({"front_end": front_end, "storage": "s3 (127.0.0.1)", "ours_samples_per_s": ours,
-                                 "official_samples_per_s": official, "ratio": ours / official})
+                    rows.append({"front_end": front_end, "storage": "s3 (127.0.0.1)", "shards": storage_name,
+                                 "ours_samples_per_s": ours, "official_samples_per_s": official[front_end],
+                                 "ratio": ours / official[front_end]})
     # Paper batch: 128 image-caption samples per 256-sample step. At the H200 peer rate for a
     # BERT-base VL step (HF VisualBERT compiled, 5,576 samples/s, ../shared/gpu/README.md), half of
     # those are vision-language samples the loader must decode.
     gpu_vl_rate = 5576 / 2
-    print(f"\n{'front end':<12} {'storage':<16} {'ours/s/core':>12} {'official/s/core':>16} {'ratio':>7} "
-          f"{'cores/GPU':>10}")
+    print(f"\n{'front end':<12} {'storage':<15} {'shards':<33} {'KB/sample':>9} {'ours/s/core':>12} "
+          f"{'official/s/core':>16} {'ratio':>7} {'cores/GPU':>10}")
     for row in rows:
         row["cores_per_gpu_at_peer_rate"] = gpu_vl_rate / row["ours_samples_per_s"]
-        print(f"{row['front_end']:<12} {row['storage']:<16} {row['ours_samples_per_s']:>12.1f} "
-              f"{row['official_samples_per_s']:>16.1f} {row['ratio']:>6.1f}x "
+        size = f"{row['bytes_per_sample'] / 1e3:.0f}" if "bytes_per_sample" in row else ""
+        print(f"{row['front_end']:<12} {row['storage']:<15} {row['shards']:<33} {size:>9} "
+              f"{row['ours_samples_per_s']:>12.1f} {row['official_samples_per_s']:>16.1f} {row['ratio']:>6.1f}x "
               f"{row['cores_per_gpu_at_peer_rate']:>10.1f}")
     result = {"samples": args.samples, "boxes_per_image": NUM_BOXES, "gpu_vl_samples_per_s_assumed": gpu_vl_rate,
               "rows": rows, "machine": {"cpus": os.cpu_count()}}

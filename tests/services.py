@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -259,3 +261,69 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+class CountingProxy:
+    """A TCP proxy in front of a server that records every HTTP request line the clients send.
+
+    Used to count the object-storage GETs a loader issues (the S3 signature covers the Host header,
+    which passes through unchanged). Requests are parsed from the client->server bytes, so it suits
+    reads (GET/HEAD, no request bodies); write through the server's own endpoint.
+    """
+
+    _REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n")
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.requests: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def gets(self, contains: str = "") -> list[str]:
+        with self._lock:
+            paths = [path.split("?", 1)[0] for method, path in self.requests if method == "GET"]
+        return [path for path in paths if contains in path]
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, record: bool) -> None:
+        pending = b""
+        try:
+            while data := source.recv(1 << 16):
+                if record:  # every complete header block (GET/HEAD have no body) starts with its request line
+                    *blocks, pending = (pending + data).split(b"\r\n\r\n")
+                    for block in blocks:
+                        match = self._REQUEST.match(block)
+                        if match:
+                            with self._lock:
+                                self.requests.append((match.group(1).decode(), match.group(2).decode()))
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def stop(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._thread.join(timeout=10)

@@ -329,3 +329,20 @@ def test_exact_mode_counts_a_wrong_sizes_json_and_drops_nothing_silently(claimed
     else:
         assert len(delivered) == total and sum(b.padding for b in batches) > 0
     assert "sizes.json is wrong for" in caplog.text
+
+
+def test_caption_pieces_equal_the_tokenizers_own_encoding_even_past_128_pieces(minilm_folder):
+    """The loader calls the Rust tokenizer directly; MiniLM's tokenizer.json truncates and pads to 128,
+    which the Python wrapper switches off per call and the loader must switch off itself."""
+    from vlbert_ds.data.examples import TokenizerTools
+
+    tools = TokenizerTools(minilm_folder)
+    captions = ["a man riding a wave on top of a surfboard", "Unbelievably, tokenization-heavy text: 12,345!",
+                " ".join(["surfboard"] * 150)]
+    ours = [tools.caption_pieces(c) for c in captions]  # before the wrapper has ever run
+    for caption, (ids, starts) in zip(captions, ours, strict=True):
+        encoding = tools.tokenizer(caption, add_special_tokens=False)
+        words = encoding.word_ids()
+        assert ids.tolist() == encoding["input_ids"]
+        assert starts.tolist() == [i == 0 or words[i] != words[i - 1] for i in range(len(words))]
+    assert ours[2][0].size == 300  # "surf ##board" x 150, not cut at 128

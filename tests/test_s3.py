@@ -164,3 +164,45 @@ def test_the_readme_vqa_commands_run_as_written_on_s3(s3_env, tmp_path):
     run_id, uri = re.search(r"MLflow: run (\w+) at (\S+)", done.stdout).groups()
     assert uri == f"sqlite:///{out / 'mlflow.db'}"
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_the_second_epoch_reads_every_shard_from_the_node_cache(s3_env, minilm_folder, tmp_path, monkeypatch):
+    """Through a proxy that counts the GETs reaching S3: epoch 0 fetches each shard once (2 loader
+    workers share the cache), epoch 1 issues no GET for any shard, and a cache file truncated on
+    disk is fetched again (one GET) in epoch 2; every epoch reads every sample exactly once."""
+    import s3fs
+    from services import CountingProxy
+
+    url = "s3://vlbert-cache/default"
+    assert prep_main(["default", "--out", url, "--num-images", "60", "--num-val-images", "10",
+                      "--num-text-segments", "40", "--samples-per-shard", "10", "--processes", "2"]) == 0
+    proxy = CountingProxy(int(s3_env.endpoint.rsplit(":", 1)[1]))
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()
+        cache = tmp_path / "cache"
+        config = LoaderConfig(vl_sources=[SourceSpec(f"{url}/vl/train")],
+                              text_sources=[SourceSpec(f"{url}/text/train")], tokenizer=str(minilm_folder),
+                              mode="exact", vl_per_batch=4, text_per_batch=4, num_workers=2, shuffle_buffer=8,
+                              cache_dir=str(cache), example=ExampleConfig(num_region_classes=25))
+        shards = [f"/vlbert-cache/default/vl/train/shard-{i:06d}.tar" for i in range(6)]
+
+        def epoch(number: int) -> list[str]:
+            _, loader = build_loader(config, rank=0, world_size=1, epoch=number)
+            keys = [k for batch in loader for k in batch.keys]
+            assert sorted(keys) == sorted(set(keys)) and len(keys) == 60
+            return keys
+
+        epoch(0)
+        first = proxy.gets(".tar")
+        assert sorted(p for p in first if "/vl/" in p) == shards  # each shard once, though 2 workers read them
+        epoch(1)
+        assert proxy.gets(".tar") == first  # epoch 1: not one GET of a shard
+        (entry,) = [p for p in cache.iterdir() if p.name.endswith("-shard-000003.tar")
+                    and "/vl/" in __import__("json").loads(p.with_name(p.name + ".json").read_text())["url"]]
+        with open(entry, "r+b") as handle:
+            handle.truncate(1000)
+        epoch(2)
+        assert proxy.gets(".tar")[len(first):] == [shards[3]]
+    finally:
+        proxy.stop()

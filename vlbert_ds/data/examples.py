@@ -7,9 +7,9 @@ at most 64 WordPiece ids (the model appends [END]).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,11 @@ class TokenizerTools:
         from transformers import BertTokenizerFast
 
         self.tokenizer = BertTokenizerFast.from_pretrained(str(folder))
+        # The Rust tokenizer without the truncation / padding a tokenizer.json may carry (MiniLM's:
+        # 128), which the Python wrapper turns off per call.
+        self.backend = copy.deepcopy(self.tokenizer.backend_tokenizer)
+        self.backend.no_truncation()
+        self.backend.no_padding()
         vocab = self.tokenizer.get_vocab()
         self.vocab_size = len(vocab)
         if self.vocab_size < 100:
@@ -47,11 +52,15 @@ class TokenizerTools:
             sorted(i for t, i in vocab.items() if i not in special and not t.startswith("[unused")), dtype=np.int64)
 
     def caption_pieces(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
-        """WordPiece ids of a caption and where each basic-tokenizer word starts."""
-        encoding = self.tokenizer(caption, add_special_tokens=False)
-        ids = np.asarray(encoding["input_ids"], dtype=np.int64)
-        words = encoding.word_ids()
-        starts = np.array([i == 0 or words[i] != words[i - 1] for i in range(len(words))], dtype=bool)
+        """WordPiece ids of a caption and where each basic-tokenizer word starts.
+
+        Calls the Rust tokenizer directly: the same encoding as `tokenizer(caption)`, without the
+        Python wrapper that cost more than the tokenisation itself (benchmarks/loader_throughput.py)."""
+        encoding = self.backend.encode(caption, add_special_tokens=False)
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        words = np.asarray([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
+        starts = np.ones(words.size, dtype=bool)
+        starts[1:] = words[1:] != words[:-1]
         return ids, starts
 
     def word_starts(self, ids: np.ndarray) -> np.ndarray:
@@ -203,16 +212,9 @@ def make_text_example(record: TextRecord, tools: TokenizerTools, config: Example
     return TextExample(key=record.key, input_ids=masked, mlm_labels=labels)
 
 
-def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor view of a (possibly read-only) array that is only read, never written through."""
-    if array.flags.writeable:
-        return torch.from_numpy(array)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
-
-
 FEATURE_TENSOR_DTYPES = {"int8": torch.int8, "float8": torch.float8_e4m3fn}
+_NUMPY_CODES = {torch.int8: np.int8, torch.float8_e4m3fn: np.uint8, torch.float16: np.float16,
+                torch.float32: np.float32}
 
 
 def _widened_on_host(example: VLExample) -> VLExample:
@@ -269,10 +271,11 @@ def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = Fa
             vl = [_widened_on_host(e) for e in vl]  # a batch mixing formats: the rare slow path
         if compact:
             dtype = FEATURE_TENSOR_DTYPES[vl[0].feature_dtype]
-            feature_scale = torch.zeros(rows, region_slots)
+            feature_scale = np.zeros((rows, region_slots), dtype=np.float32)
         else:
             dtype = torch.float16 if all(e.features.dtype == np.float16 for e in vl) else torch.float32
-        features = torch.zeros(rows, region_slots, vl[0].features.shape[1], dtype=dtype)
+        # Filled in numpy (one memcpy a row; torch's per-slice copies cost ~4x more), then shared as a tensor.
+        features = np.zeros((rows, region_slots, vl[0].features.shape[1]), dtype=_NUMPY_CODES[dtype])
     images = None
     if vl and vl[0].image is not None:
         height = max(e.image.shape[1] for e in vl)
@@ -287,11 +290,11 @@ def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = Fa
         selected[row, :k] = torch.from_numpy(example.region_selected)
         image_size[row] = torch.tensor(example.image_size)
         if feature_scale is not None:  # RoI 0 stays zero: the device fills it with the visible boxes' mean
-            features[row, 1:k] = _as_tensor(example.features).view(dtype)
-            feature_scale[row, 1:k] = torch.from_numpy(example.feature_scale)
+            features[row, 1:k] = example.features
+            feature_scale[row, 1:k] = example.feature_scale
         elif features is not None:
-            features[row, 0] = torch.from_numpy(example.whole_image_feature)
-            features[row, 1:k] = _as_tensor(example.features)
+            features[row, 0] = example.whole_image_feature
+            features[row, 1:k] = example.features
         if images is not None:
             _, h, w = example.image.shape
             images[row, :, :h, :w] = example.image
@@ -307,6 +310,8 @@ def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = Fa
     else:
         targets = [torch.from_numpy(_dense_targets(e, num_region_classes)) for e in vl]
     mrc_targets = torch.cat(targets) if targets else None
+    if features is not None:
+        features = torch.from_numpy(features).view(dtype)
     if drop_labels:
         labels.fill_(IGNORE)
         selected.fill_(False)
@@ -318,5 +323,6 @@ def collate(vl: list[VLExample], text: list[TextExample], drop_labels: bool = Fa
         has_image=torch.arange(rows) < len(vl), boxes=boxes, region_mask=region_mask, image_size=image_size,
         region_features=features, images=images, region_masked=hidden, mlm_labels=labels,
         mrc_select=selected if mrc_targets is not None else None, mrc_targets=mrc_targets,
-        region_feature_scale=feature_scale, mrc_target_classes=mrc_classes,
+        region_feature_scale=None if feature_scale is None else torch.from_numpy(feature_scale),
+        mrc_target_classes=mrc_classes,
     )

@@ -12,6 +12,7 @@ device (`VLBatch.widened`).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -179,6 +180,19 @@ _NPY_HEADER = re.compile(
 _NPY_SAFE_KINDS = frozenset("fiub")
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, count) of a plain numeric array's header; cached: a shard repeats a few headers."""
+    match = _NPY_HEADER.match(header)
+    if not match:
+        return None
+    dtype = np.dtype(match.group(1).decode())
+    if dtype.kind not in _NPY_SAFE_KINDS:
+        return None
+    shape = tuple(int(v) for v in match.group(2).decode().replace(" ", "").split(",") if v)
+    return dtype, shape, int(np.prod(shape, dtype=np.int64))
+
+
 def load_npy(data: bytes, name: str) -> np.ndarray:
     """Read `.npy` bytes without pickle.
 
@@ -190,12 +204,10 @@ def load_npy(data: bytes, name: str) -> np.ndarray:
             header_len, start = int.from_bytes(data[8:10], "little"), 10
         else:
             header_len, start = int.from_bytes(data[8:12], "little"), 12
-        match = _NPY_HEADER.match(data[start : start + header_len])
-        if match:
-            dtype = np.dtype(match.group(1).decode())
-            shape = tuple(int(v) for v in match.group(2).decode().replace(" ", "").split(",") if v)
-            count = int(np.prod(shape, dtype=np.int64))
-            if dtype.kind in _NPY_SAFE_KINDS and len(data) - start - header_len == count * dtype.itemsize:
+        parsed = _parse_npy_header(bytes(data[start : start + header_len]))
+        if parsed is not None:
+            dtype, shape, count = parsed
+            if len(data) - start - header_len == count * dtype.itemsize:
                 return np.frombuffer(data, dtype=dtype, count=count, offset=start + header_len).reshape(shape)
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
