@@ -43,7 +43,9 @@ def main() -> int:
     ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
                  "train_batch_size": 4 * world, "bf16": {"enabled": True},
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-                 "zero_optimization": {"stage": args.stage, "overlap_comm": False},
+                 # the ZeRO settings we ship (ds_configs/zero1.json, zero2.json, zero3.json)
+                 "zero_optimization": json.loads((ROOT / f"ds_configs/zero{args.stage}.json").read_text())[
+                     "zero_optimization"],
                  "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     batch = make_vl_batch(config, rows_vl=2, rows_text=2, regions=6, seed=engine.global_rank)

@@ -151,7 +151,8 @@ def comm_check(measured: list[dict]) -> list[dict]:
         logged = 0.0
         for op, values in m["collectives"].items():
             size = values["message_bytes_per_step"]
-            logged += size * world if op in ("all_gather_into_tensor", "all_gather", "reduce_scatter_tensor") else size
+            # DeepSpeed logs an all-gather by its input (one rank's shard), a reduce-scatter by its input (all)
+            logged += size * world if op in ("all_gather_into_tensor", "all_gather") else size
         predicted = ZERO_FACTOR[stage] * 2 * params
         rows.append({"world_size": world, "zero_stage": stage, "parameters": params,
                      "predicted_message_bytes": predicted, "logged_message_bytes": logged,
@@ -211,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         rate = p.get("h200_samples_per_s")
         print(f"{name:<7} {p['parameters']:>12,} {p['train_flops_per_sample'] / 1e9:>13.2f} "
               f"{f'{rate:,.0f}' if rate else '':>15} {f'{cpu:.4f}' if cpu else '':>13}")
+    print(f"\n{'preset':<7} {'bf16 gradients MB':>18} {'ZeRO-1/2 MB/step':>17} {'ZeRO-3 MB/step':>15}   "
+          "(collective volume per GPU and step, before the (n-1)/n of a ring)")
+    for name, p in presets.items():
+        grad = 2 * p["parameters"]
+        p["gradient_bytes_bf16"] = grad
+        print(f"{name:<7} {grad / 1e6:>18.1f} {2 * grad / 1e6:>17.1f} {3 * grad / 1e6:>15.1f}")
     print("\nbytes per sample (half BUA-like vision-language, half text): "
           + ", ".join(f"{k} {v / 1e3:.0f} KB" for k, v in mixes.items()))
     print(f"\n{'preset':<6} {'format':<31} {'cache':<6} {'GPUs':>5} {'Gb/s':>5} {'ZeRO':>4} {'GB/s/GPU':>9} "

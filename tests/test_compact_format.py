@@ -219,3 +219,39 @@ def test_convert_rewrites_format_1_shards_compactly(tmp_path):
         np.testing.assert_array_equal(np.sort(decoded.class_ids, 1), np.sort(top, 1))
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 already done" in again.stdout
+
+
+def test_shards_with_other_feature_widths_stop_training_before_it_starts(default_data, tmp_path):
+    """Shards of 2048-d features for a model that takes 1024: refused at start-up, naming the key to set."""
+    from vlbert_ds.data import PretrainStream
+    from vlbert_ds.data.pipeline import UnusableDataError
+    from vlbert_ds.train.config import PretrainConfig, load_config
+    from vlbert_ds.train.pretrain import loader_config
+
+    overrides = [f"data.vl_sources=[{default_data}/vl/train]", f"data.text_sources=[{default_data}/text/train]",
+                 "model.num_region_classes=25", "model.overrides={precomputed_feature_dim: 1024}",
+                 "data.samples_per_epoch=64", "data.num_workers=0"]
+    config = load_config(None, overrides, PretrainConfig)
+
+    with pytest.raises(UnusableDataError, match=r"feature_dim_mismatch.*model\.overrides\.precomputed_feature_dim"):
+        PretrainStream(loader_config(config), check_sources=True)
+
+
+def test_the_grounding_check_sees_the_same_features_from_int8_and_float16_shards(default_data, tmp_path,
+                                                                                minilm_folder):
+    from vlbert_ds.prep.convert import convert_dataset
+    from vlbert_ds.prep.default import GROUNDING_WORDS
+    from vlbert_ds.train.grounding import build_grounding_set
+
+    wide = tmp_path / "float16"
+    convert_dataset(str(default_data / "vl/val"), str(wide), Compaction("float16", 0))
+    sets = [build_grounding_set(str(folder), GROUNDING_WORDS, str(minilm_folder), "precomputed", 25,
+                                max_samples=32) for folder in (default_data / "vl/val", wide)]
+    compact, reference = (s.with_image[0] for s in sets)
+    assert compact.region_features.dtype == torch.int8 and reference.region_features.dtype == torch.float16
+    got = compact.widened(25).region_features
+    expected = reference.region_features.float()
+    mask = reference.region_mask
+    # int8 steps are max|x| / 127 of each box: within half a step (RoI 0, a mean, too)
+    step = expected.abs().amax(-1, keepdim=True) / 127
+    assert bool(((got - expected).abs() <= step / 2 + 2e-3)[mask].all())

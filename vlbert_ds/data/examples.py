@@ -110,6 +110,7 @@ class ExampleConfig:
     visual_front_end: str = "precomputed"
     max_image_pixels: int = 40_000_000
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    feature_dim: int = 0  # precomputed features the model takes (0: not checked here)
 
 
 def decode_image(jpeg: bytes, width: int, height: int, max_pixels: int) -> torch.Tensor:
@@ -166,6 +167,9 @@ def make_vl_example(record: VLRecord, tools: TokenizerTools, config: ExampleConf
         if record.features is None:
             raise SampleError("missing_features")
         features, scale = record.features, record.feature_scale
+        if config.feature_dim and features.shape[1] != config.feature_dim:
+            raise SampleError("feature_dim_mismatch", f"{features.shape[1]}-d features, the model takes "
+                              f"{config.feature_dim}")
         if scale is None:
             kept = ~hidden
             # The official whole-image feature: mean over the boxes that stay visible (summed in float32).

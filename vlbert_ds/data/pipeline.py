@@ -76,6 +76,8 @@ REJECTION_HINTS = {
     "wrong_kind": "a text source is listed as a vision-language source or the reverse "
                   "(data.vl_sources / data.text_sources)",
     "format_version": "the shards were written by another version of vlbert-prep",
+    "feature_dim_mismatch": "the shards' region features have another width than the model's: set "
+                            "model.overrides.precomputed_feature_dim to theirs (2048 for bottom-up-attention)",
 }
 
 

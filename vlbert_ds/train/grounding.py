@@ -64,14 +64,16 @@ def build_grounding_set(spec: str, grounded_words: frozenset[str], tokenizer: st
             features = whole = image = None
             if visual_front_end == "precomputed":
                 features = record.features
-                whole = record.features.astype(np.float32).mean(0)
+                if record.feature_scale is None:  # compact codes: the model widens them and takes the mean
+                    whole = record.features.astype(np.float32).mean(0)
             else:
                 image = decode_image(record.jpeg, record.image_width, record.image_height, 40_000_000)
             vl_rows.append(VLExample(key=record.key, input_ids=text, mlm_labels=labels, boxes=boxes,
                                      image_size=(width, height), region_hidden=np.zeros(count, dtype=bool),
                                      region_selected=np.zeros(count, dtype=bool),
                                      region_targets=np.zeros((0, num_region_classes), dtype=np.float32),
-                                     features=features, whole_image_feature=whole, image=image))
+                                     features=features, whole_image_feature=whole, image=image,
+                                     feature_scale=record.feature_scale, feature_dtype=record.feature_dtype))
         if len(vl_rows) >= max_samples:
             break
     if not vl_rows:

@@ -27,6 +27,7 @@ def _tokenizer(name: str) -> str:
 
 def loader_config(config: PretrainConfig):
     from vlbert_ds.data import ExampleConfig, LoaderConfig, SourceSpec
+    from vlbert_ds.model import VLBertConfig
 
     def sources(specs: list[str], weights: list[float]) -> list[SourceSpec]:
         return [SourceSpec(s, weights[i] if weights else 1.0) for i, s in enumerate(specs)]
@@ -43,7 +44,9 @@ def loader_config(config: PretrainConfig):
         reset_position=data.reset_position or config.checkpoint.force_resume,  # forced: data restarts
         example=ExampleConfig(max_elements=data.max_elements, text_segment_len=data.text_segment_len,
                               num_region_classes=config.model.num_region_classes,
-                              visual_front_end=config.model.visual_front_end))
+                              visual_front_end=config.model.visual_front_end,
+                              feature_dim=int(config.model.overrides.get(
+                                  "precomputed_feature_dim", VLBertConfig.precomputed_feature_dim))))
 
 
 class _Given:
