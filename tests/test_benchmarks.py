@@ -44,3 +44,30 @@ def test_extract_regions_benchmark_writes_the_time_shares(tmp_path):
     assert rows[0]["classes"] == 1601 and rows[0]["feature_dim"] == 512
     assert rows[1]["speed_vs_first"] == rows[1]["images_per_s"] / rows[0]["images_per_s"]
     assert "bottom-up-attention resnet18" in done.stdout and "fasterrcnn_mobilenet_v3_large_320_fpn" in done.stdout
+
+
+def test_feature_compaction_benchmark_measures_every_setting(tmp_path):
+    out = tmp_path / "compaction.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "feature_compaction.py"), "--samples", "3",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["features"], r["class_topk"]): r for r in json.loads(out.read_text())["bua_like"]}
+    assert set(rows) == {("float16", 0), ("float16", 32), ("int8", 0), ("int8", 32), ("float8", 32)}
+    # 50 x (2048 x 2 + 1601 x 2) bytes dense float16; 50 x (2048 + 4 + 32 x 4) at the defaults
+    assert rows[("float16", 0)]["bytes_per_sample"] > 50 * 3649 * 2
+    assert rows[("float16", 0)]["bytes_per_sample"] / rows[("int8", 32)]["bytes_per_sample"] >= 3.0
+    assert rows[("float16", 0)]["max_abs_feature_error"] < rows[("int8", 32)]["max_abs_feature_error"]
+
+
+def test_scale_model_names_a_bottleneck_at_every_point(tmp_path):
+    out = tmp_path / "scale.json"
+    probes = sorted(str(p) for p in (REPO / "benchmarks/results/comm_probe").glob("*.json"))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale_model.py"), "--comm-results", *probes,
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["points"]) == 2 * 2 * 2 * 3 * 3 * 3
+    assert all(0 < p["efficiency"] <= 1 and p["bound_by"] for p in result["points"])
+    single_node = [p for p in result["points"] if p["gpus"] == 8]
+    assert all(p["gradient_gb_per_step_per_node"] == 0 for p in single_node)  # no inter-node gradients
+    assert [round(c["logged_over_predicted"], 2) for c in result["comm_check"] if c["zero_stage"] == 2] == [0.98] * 2
