@@ -40,7 +40,7 @@ _CHUNK = 8 << 20
 
 @dataclass
 class CacheCounters:
-    """What this process's cache did (summed into the loader's skip/IO counters by the caller)."""
+    """What this process's cache did (read by tests; not yet reported in the run's metrics)."""
 
     hits: int = 0
     fetches: int = 0
