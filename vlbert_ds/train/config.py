@@ -48,9 +48,15 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
-class ShardCacheOptions:
-    """The node-local shard cache (`vlbert_ds.data.cache`), the same for pretraining and fine-tuning."""
+class StreamOptions:
+    """How shards are streamed, the same for pretraining and fine-tuning (`vlbert_ds.data`)."""
 
+    num_workers: int = option(2, "DataLoader worker processes per rank (may change on resume)")
+    shuffle_buffer: int = option(1000, "samples in each logical reader's shuffle buffer (per stream)")
+    readers: int = option(0, "logical readers: the global sample order's unit, fixed for a run (0 = 4 per "
+                             "micro-batch of a step); a rank holds readers / world size shuffle buffers")
+    reset_position: bool = option(False, "resume even though the data config changed: the data starts afresh "
+                                         "(pretraining: at the next epoch; said at start-up)")
     cache_dir: str = option("", "node-local folder that keeps a copy of every shard read, shared by the node's "
                                 "ranks, so that epoch 2 on reads local disk ('' = off)")
     cache_size_gb: float = option(0.0, "bound of data.cache_dir in GB, least recently used shards evicted first "
@@ -58,7 +64,7 @@ class ShardCacheOptions:
 
 
 @dataclass(frozen=True)
-class DataSection(ShardCacheOptions):
+class DataSection(StreamOptions):
     vl_sources: list[str] = option([], "image-caption shard specs (folder, brace pattern, glob, '::' list; "
                                        "any fsspec URL)")
     vl_weights: list[float] = option([], "sampling weight per vl source (resampled mode; default equal)")
@@ -70,12 +76,6 @@ class DataSection(ShardCacheOptions):
     samples_per_epoch: int = option(0, "resampled mode: vision-language samples per (virtual) epoch, all ranks")
     vl_per_batch: int = option(16, "vision-language rows per rank per micro-batch")
     text_per_batch: int = option(16, "text-only rows per rank per micro-batch (1:1 as the paper)")
-    num_workers: int = option(2, "DataLoader worker processes per rank (may change on resume)")
-    shuffle_buffer: int = option(1000, "samples in each logical reader's shuffle buffer (per stream)")
-    readers: int = option(0, "logical readers: the global sample order's unit, fixed for a run (0 = 4 per "
-                             "micro-batch of a step); a rank holds readers / world size shuffle buffers")
-    reset_position: bool = option(False, "resume even though the data config changed: the data starts at the next "
-                                         "epoch (said at start-up)")
     log_keys: bool = option(False, "append every micro-batch's sample keys to <output_dir>/data_keys/rank<r>.jsonl "
                                    "(to audit what a run saw)")
     max_elements: int = option(64, "text tokens + RoIs per row (the official SEQ_LEN)")
@@ -85,16 +85,10 @@ class DataSection(ShardCacheOptions):
 
 
 @dataclass(frozen=True)
-class TaskDataSection(ShardCacheOptions):
+class TaskDataSection(StreamOptions):
     """What fine-tuning reads of `data`: the task's shards are named in `task`."""
 
     tokenizer: str = option("default", "tokenizer folder ('default' = the bundled MiniLM's)")
-    num_workers: int = option(2, "DataLoader worker processes per rank (may change on resume)")
-    shuffle_buffer: int = option(1000, "samples in each logical reader's shuffle buffer")
-    readers: int = option(0, "logical readers: the global sample order's unit, fixed for a run (0 = 4 per "
-                             "micro-batch of a step)")
-    reset_position: bool = option(False, "resume even though the data config changed: a fresh pass of the task "
-                                         "data (said at start-up)")
 
 
 @dataclass(frozen=True)
