@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import importlib.resources
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from vlbert_ds.model import VLBatch, VLBertConfig
+
+
+def pytest_report_header(config) -> str:
+    """Say how much disk the temp folder has: the resume tests write 1-3 GB of checkpoints each."""
+    free_gib = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    return (f"temp folder {tempfile.gettempdir()}: {free_gib:.1f} GiB free (about 4 GiB needed at peak; "
+            f"tmp_path_retention_policy={config.getini('tmp_path_retention_policy')})")
 
 
 @pytest.fixture(scope="session")
