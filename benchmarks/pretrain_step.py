@@ -261,7 +261,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default="mini", choices=["tiny", "mini", "base", "large"])
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="auto: bf16 where the device computes it natively, else fp32 (train.precision=auto)")
     parser.add_argument("--batch", type=int, default=0, help="rows per step (default by preset)")
     parser.add_argument("--num-classes", type=int, default=1601)
     parser.add_argument("--warmup", type=int, default=3)
@@ -274,6 +275,11 @@ def main() -> None:
     parser.add_argument("--work", default="", help="--engine: folder for data and the run")
     parser.add_argument("--json", default="", help="write the result here")
     args = parser.parse_args()
+    from vlbert_ds.train.precision import resolve_precision
+
+    choice = resolve_precision(args.precision, args.device)
+    args.precision = choice.precision
+    print(f"precision {choice.precision}: {choice.reason}")
     result = bench_engine(args) if args.engine else bench_step(args)
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: prepare the default data (once, into data/default), then
-# pretrain the MiniLM-initialised VL-BERT with 2 DeepSpeed ranks (gloo, bf16, ZeRO-2) and print the
+# pretrain the MiniLM-initialised VL-BERT with 2 DeepSpeed ranks (gloo, ZeRO-2, precision auto: bf16 where
+# the CPU computes it natively, else fp32) and print the
 # final metrics, the visual-grounding check, and where the MLflow run and checkpoints are.
 # Extra arguments are config overrides, e.g. `bash scripts/main.sh train.steps=100`.
 set -euo pipefail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib.resources
 import shutil
 import subprocess
@@ -19,6 +20,24 @@ def pytest_report_header(config) -> str:
     free_gib = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
     return (f"temp folder {tempfile.gettempdir()}: {free_gib:.1f} GiB free (about 4 GiB needed at peak; "
             f"tmp_path_retention_policy={config.getini('tmp_path_retention_policy')})")
+
+
+_SECONDS_PER_FILE: dict[str, float] = collections.defaultdict(float)
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Add up set-up, call and tear-down time per test file (session fixtures count where first used)."""
+    _SECONDS_PER_FILE[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Each test file's time, slowest first: the table in docs/testing.md is kept from this."""
+    if not _SECONDS_PER_FILE:
+        return
+    terminalreporter.section("time per test file")
+    for path, seconds in sorted(_SECONDS_PER_FILE.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f} s  {path}")
+    terminalreporter.write_line(f"{sum(_SECONDS_PER_FILE.values()):8.1f} s  in all")
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +94,18 @@ def default_data(tmp_path_factory, minilm_folder) -> Path:
     out = tmp_path_factory.mktemp("default-data")
     prepare_default(str(out), str(minilm_folder), num_images=160, num_val_images=40, num_text_segments=120,
                     samples_per_shard=20, processes=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory) -> Path:
+    """A `tiny` VL-BERT pretraining folder (save_pretrained, 25 RoI classes, the real vocabulary): the
+    `task.init` of the fine-tuning tests that check the machinery, not what MiniLM's weights learn."""
+    from vlbert_ds.model import VLBertForPretraining
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-pretrained")
+    VLBertForPretraining(VLBertConfig.preset("tiny", num_region_classes=25)).save_pretrained(str(out))
     return out
 
 

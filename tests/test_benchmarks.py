@@ -71,3 +71,15 @@ def test_scale_model_names_a_bottleneck_at_every_point(tmp_path):
     single_node = [p for p in result["points"] if p["gpus"] == 8]
     assert all(p["gradient_gb_per_step_per_node"] == 0 for p in single_node)  # no inter-node gradients
     assert [round(c["logged_over_predicted"], 2) for c in result["comm_check"] if c["zero_stage"] == 2] == [0.98] * 2
+
+
+def test_precision_probe_reports_the_choice_and_both_rates(tmp_path):
+    out = tmp_path / "precision.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "precision_probe.py"), "--seconds", "0.1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["auto"] in ("bf16", "fp32") and result["reason"].startswith("auto: ")
+    assert set(result["gflops"]) == {"fp32", "bf16"} and all(v > 0 for v in result["gflops"].values())
+    assert result["bf16_over_fp32"] == result["gflops"]["bf16"] / result["gflops"]["fp32"]
+    assert f"auto -> {result['auto']}" in done.stdout

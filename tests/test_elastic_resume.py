@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import pytest
-from ranks import run_ranks
+from ranks import TINY, run_ranks
 from test_train_engine import NO_DROPOUT
 
 # A constant schedule: the stopped runs end at an earlier train.steps than the straight one.
-BASE = ["model.bert=default", "model.num_region_classes=25", "optimizer.lr=5.0e-4", "optimizer.warmup_steps=2",
+BASE = [*TINY, "model.num_region_classes=25", "optimizer.lr=5.0e-4", "optimizer.warmup_steps=2",
         "optimizer.schedule=constant", "train.log_every=0", "tracking.enabled=false", "checkpoint.export=false",
         "data.vl_per_batch=4", "data.text_per_batch=4", "data.mode=exact", "data.shuffle_buffer=8",
         "train.precision=fp32",
@@ -65,9 +66,11 @@ def test_each_zero_stage_resumes_on_another_world_size(stage, default_data, tmp_
               f"train.ds_config=ds_configs/zero{stage}.json"]
     straight, _ = run_ranks({"overrides": [*common, "train.steps=4", f"train.output_dir={tmp_path / 's'}"]}, 2,
                             tmp_path)
+    stopped = tmp_path / "stopped"  # one 2-rank run stopped at step 2, copied for each resume
+    run_ranks({"overrides": [*common, "train.steps=2", f"train.output_dir={stopped}"]}, 2, tmp_path)
     for world in (1, 4):
         out = tmp_path / f"to{world}"
-        run_ranks({"overrides": [*common, "train.steps=2", f"train.output_dir={out}"]}, 2, tmp_path)
+        shutil.copytree(stopped, out)
         resumed, _ = run_ranks({"overrides": [*common, "train.steps=4", f"train.output_dir={out}"]}, world,
                                tmp_path)
         for a, b in zip(_losses(straight, [3, 4]), _losses(resumed, [3, 4]), strict=True):

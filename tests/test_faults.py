@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from ranks import WORKER, run_ranks
+from ranks import TINY, WORKER, run_ranks
 from services import free_port
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["model.bert=default", "model.num_region_classes=25", "optimizer.lr=5.0e-4", "optimizer.warmup_steps=2",
+COMMON = [*TINY, "model.num_region_classes=25", "optimizer.lr=5.0e-4", "optimizer.warmup_steps=2",
           "train.log_every=0", "tracking.enabled=false", "checkpoint.export=false", "data.vl_per_batch=4",
           "data.text_per_batch=4", "train.precision=fp32"]
 
@@ -75,7 +75,8 @@ def test_a_killed_rank_fails_the_job_fast_and_the_restart_resumes(default_data, 
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+               "VLBERT_FAULT_STEP_PAUSE_S": "0.5"}  # paced: the kill must land mid-run
         log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec)], env=env, stdout=log,
                                       stderr=subprocess.STDOUT))

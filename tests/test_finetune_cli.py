@@ -16,20 +16,20 @@ COMMON = ["model.num_region_classes=25", "train.steps=12", "optimizer.warmup_ste
           "train.log_every=0", "task.batch_size=8", "train.precision=fp32", "checkpoint.export=true"]
 
 
-def _finetune(task: str, out: Path, extra: list[str], data: Path) -> subprocess.CompletedProcess:
+def _finetune(task: str, out: Path, extra: list[str], data: Path, init: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "MASTER_PORT": str(29700 + os.getpid() % 200)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     command = [sys.executable, "-m", "vlbert_ds.cli.finetune", "--task", task, f"task.train={data / task / 'train'}",
-               f"task.val={data / task / 'val'}", f"train.output_dir={out}", *COMMON, *extra]
+               f"task.val={data / task / 'val'}", f"train.output_dir={out}", f"task.init={init}", *COMMON, *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("task,extra", [("vqa", []), ("vcr", ["task.vcr_mode=qa2r", "task.batch_size=4"]),
                                         ("refcoco", ["checkpoint.export=true"])])
-def test_finetune_runs_evaluates_and_checkpoints(task, extra, synthetic_tasks, tmp_path):
+def test_finetune_runs_evaluates_and_checkpoints(task, extra, synthetic_tasks, tiny_pretrained, tmp_path):
     out = tmp_path / task
-    done = _finetune(task, out, extra, synthetic_tasks)
+    done = _finetune(task, out, extra, synthetic_tasks, tiny_pretrained)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, 13))
@@ -91,11 +91,12 @@ def _recomputed_metric(task: str, weights: Path, val: Path, extra: list[str]) ->
     return total / items, items
 
 
-def test_vqa_answers_outside_the_vocabulary_are_counted_and_dropped(synthetic_tasks, tmp_path):
+def test_vqa_answers_outside_the_vocabulary_are_counted_and_dropped(synthetic_tasks, tiny_pretrained, tmp_path):
     vocabulary = tmp_path / "answers.json"
     vocabulary.write_text(json.dumps(["red", "green", "blue", "yes", "no"]))  # no shapes, no counts
     out = tmp_path / "vqa"
-    done = _finetune("vqa", out, [f"task.answers={vocabulary}", "train.steps=4"], synthetic_tasks)
+    done = _finetune("vqa", out, [f"task.answers={vocabulary}", "train.steps=4"], synthetic_tasks,
+                     tiny_pretrained)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     skipped = json.loads((out / "val_metrics.json").read_text())["skipped"]
     assert skipped.get("answer_out_of_vocab", 0) > 0

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ranks import run_ranks
+from ranks import TINY, run_ranks
 from services import free_port
 
 pytestmark = pytest.mark.slow
@@ -21,13 +21,13 @@ COMMON = ["model.num_region_classes=25", "train.steps=8", "optimizer.warmup_step
           "checkpoint.export=false"]
 
 
-def _finetune(out: Path, data: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def _finetune(out: Path, data: Path, init: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "MASTER_PORT": str(free_port()),
            **(env_extra or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     command = [sys.executable, "-m", "vlbert_ds.cli.finetune", "--task", "vqa", f"task.train={data / 'vqa/train'}",
-               f"train.output_dir={out}", *COMMON]
+               f"train.output_dir={out}", f"task.init={init}", *COMMON]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -35,15 +35,17 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_killed_finetune_resumes_with_the_same_losses_and_a_nan_loss_is_dropped(synthetic_tasks, tmp_path):
+def test_a_killed_finetune_resumes_with_the_same_losses_and_a_nan_loss_is_dropped(synthetic_tasks, tiny_pretrained,
+                                                                                   tmp_path):
     """Both runs meet a NaN loss at step 2 (dropped as in pretraining); one is then killed after step 5."""
     nan = {"VLBERT_FAULT_NAN_LOSS_AT_STEP": "2"}
-    straight = _finetune(tmp_path / "straight", synthetic_tasks, nan)
+    straight = _finetune(tmp_path / "straight", synthetic_tasks, tiny_pretrained, nan)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
-    crashed = _finetune(tmp_path / "crashed", synthetic_tasks, {**nan, "VLBERT_FAULT_EXIT_AFTER_STEP": "5"})
+    crashed = _finetune(tmp_path / "crashed", synthetic_tasks, tiny_pretrained,
+                        {**nan, "VLBERT_FAULT_EXIT_AFTER_STEP": "5"})
     assert crashed.returncode == 17  # killed after step 5, without cleanup; the last checkpoint is step 3
     assert [r["step"] for r in _rows(tmp_path / "crashed")] == [1, 2, 3, 4, 5]
-    resumed = _finetune(tmp_path / "crashed", synthetic_tasks, nan)  # step 2 is behind it: no NaN now
+    resumed = _finetune(tmp_path / "crashed", synthetic_tasks, tiny_pretrained, nan)  # step 2 is behind it: no NaN now
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from step00000003" in resumed.stdout
 
@@ -63,7 +65,7 @@ def test_a_new_loss_and_metric_of_the_model_reach_mlflow_unchanged_trainer(defau
 
     server = start_mlflow(tmp_path / "mlflow")
     try:
-        overrides = ["model.bert=default", "model.num_region_classes=25", f"data.vl_sources=[{default_data}/vl/train]",
+        overrides = [*TINY, "model.num_region_classes=25", f"data.vl_sources=[{default_data}/vl/train]",
                      "train.steps=3", "train.log_every=0", "train.precision=fp32", "checkpoint.every=3",
                      "checkpoint.export=false", f"train.output_dir={tmp_path / 'run'}", "tracking.enabled=true",
                      f"tracking.uri={server.uri}", "tracking.experiment=new-keys", "data.vl_per_batch=4",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from ranks import TINY
 
 
 def _cli(*args, cwd=None):
@@ -31,7 +32,7 @@ def _pretrain_on(vl: str, text: str, out, *extra):
     import time
 
     start = time.monotonic()
-    result = _cli("model.bert=default", f"data.vl_sources=[{vl}]", f"data.text_sources=[{text}]",
+    result = _cli(*TINY, f"data.vl_sources=[{vl}]", f"data.text_sources=[{text}]",
                   "data.samples_per_epoch=64", "data.num_workers=1", f"train.output_dir={out}", "train.steps=5",
                   "tracking.enabled=false", *extra)
     return result, time.monotonic() - start

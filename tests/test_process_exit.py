@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from ranks import TINY
 from services import free_port
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def wait_gone(tag: str, seconds: float) -> list[int]:
 
 
 def overrides(default_data: Path, out: Path, steps: int) -> list[str]:
-    return ["model.bert=default", "model.num_region_classes=25", "train.precision=fp32", "train.log_every=0",
+    return [*TINY, "model.num_region_classes=25", "train.precision=fp32", "train.log_every=0",
             "tracking.enabled=false", "checkpoint.export=false", "data.vl_per_batch=4", "data.text_per_batch=4",
             f"data.vl_sources=[{default_data}/vl/train]", f"data.text_sources=[{default_data}/text/train]",
             "data.mode=resampled", "data.samples_per_epoch=64", "data.num_workers=1", "data.shuffle_buffer=8",

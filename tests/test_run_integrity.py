@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from ranks import run_ranks
+from ranks import TINY, run_ranks
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["model.bert=default", "model.num_region_classes=25", "optimizer.lr=5.0e-4", "optimizer.warmup_steps=2",
+COMMON = [*TINY, "model.num_region_classes=25", "optimizer.lr=5.0e-4", "optimizer.warmup_steps=2",
           "train.log_every=0", "checkpoint.export=false", "data.vl_per_batch=4", "data.text_per_batch=4",
           "train.precision=fp32", "data.mode=resampled", "data.samples_per_epoch=16", "data.num_workers=1",
           "data.shuffle_buffer=8", "train.steps=8", "checkpoint.every=3"]
@@ -66,8 +66,9 @@ def test_kills_at_each_point_of_a_save_lose_no_metric_and_log_none_twice(default
         assert all(abs(by_step[r["step"]] - r[key]) < 1e-9 for r in rows), key  # the same values as the file
 
 
-def _start(spec: dict, tmp: Path, name: str) -> tuple[subprocess.Popen, Path]:
-    """One rank of a run in its own process group (so that a SIGKILL can take the whole group)."""
+def _start(spec: dict, tmp: Path, name: str, pause_s: float = 0.0) -> tuple[subprocess.Popen, Path]:
+    """One rank of a run in its own process group (so that a SIGKILL can take the whole group); `pause_s`
+    paces its steps so that it is still running when the test acts on it."""
     from ranks import WORKER
     from services import free_port
 
@@ -75,7 +76,7 @@ def _start(spec: dict, tmp: Path, name: str) -> tuple[subprocess.Popen, Path]:
     spec_file.write_text(json.dumps({**spec, "out": str(tmp / f"{name}-report.json")}))
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "VLBERT_FAULT_STEP_PAUSE_S": str(pause_s)}
     log = tmp / f"{name}.log"
     with open(log, "w") as handle:
         process = subprocess.Popen([sys.executable, str(WORKER), str(spec_file)], env=env, stdout=handle,
@@ -93,7 +94,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_take
                           f"data.text_sources=[{default_data}/text/train]", f"train.output_dir={out}",
                           "checkpoint.every=4", "tracking.enabled=true", f"tracking.uri={mlflow_server.uri}",
                           "tracking.experiment=busy-folder"]}
-    first, first_log = _start(spec, tmp_path, "first")
+    first, first_log = _start(spec, tmp_path, "first", pause_s=1.0)
     try:
         deadline = time.time() + 600
         while not ((out / "checkpoints/latest").exists() and (out / ".vlbert_ds.lock").exists()):

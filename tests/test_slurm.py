@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ranks import TINY
 from services import slurm_missing_reason, start_mlflow, start_slurm
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ def mlflow_server(tmp_path_factory):
 
 
 def _overrides(default_data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
-    return ["model.bert=default", "model.num_region_classes=25", f"data.vl_sources=[{default_data}/vl/train]",
+    return [*TINY, "model.num_region_classes=25", f"data.vl_sources=[{default_data}/vl/train]",
             f"data.text_sources=[{default_data}/text/train]", "data.prepare_default=", "data.mode=resampled",
             "data.samples_per_epoch=64", "data.num_workers=1", "data.shuffle_buffer=8", "data.vl_per_batch=4",
             "data.text_per_batch=4", "train.precision=fp32", f"train.steps={steps}", "train.log_every=1",
@@ -49,7 +50,9 @@ def _overrides(default_data: Path, out: Path, steps: int, extra: tuple[str, ...]
 
 
 def _submit(slurm, job_name: str, log: Path, overrides: list[str], nodes: int = 2) -> subprocess.Popen:
-    env = {**slurm.env(), "VLBERT_PYTHON": sys.executable, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    # Paced: the tiny model's steps take milliseconds, and the tests signal a job mid-run.
+    env = {**slurm.env(), "VLBERT_PYTHON": sys.executable, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+           "VLBERT_FAULT_STEP_PAUSE_S": "0.5"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     shape = [f"--nodes={nodes}" if arg.startswith("--nodes=") else arg for arg in CPU_SHAPE]

@@ -114,7 +114,7 @@ def test_closed_choices_are_checked_at_load_naming_the_allowed_values(capsys):
     from vlbert_ds.cli.pretrain import main
 
     for override, allowed in (("data.mode=exactly", "'resampled', 'exact'"),
-                              ("train.precision=fp8", "'bf16', 'fp16', 'fp32'"),
+                              ("train.precision=fp8", "'auto', 'bf16', 'fp16', 'fp32'"),
                               ("optimizer.schedule=cosine", "'linear', 'constant'"),
                               ("model.visual_front_end=e2e", "'precomputed', 'end_to_end'")):
         assert main(["--print-config", override, "data.prepare_default=data/x"]) == 2

@@ -1,13 +1,15 @@
-"""The DeepSpeed engine on CPU (gloo): rank/accumulation equivalence, exact resume, MLflow, export."""
+"""The DeepSpeed engine on CPU (gloo): rank/accumulation equivalence, exact resume, MLflow, model checks."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
-from ranks import run_ranks
+from ranks import TINY, run_ranks
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["model.bert=default", "model.num_region_classes=25", "data.vl_sources=[unused]",
+COMMON = [*TINY, "model.num_region_classes=25", "data.vl_sources=[unused]",
           "data.text_sources=[unused]", "optimizer.lr=5.0e-4", "optimizer.warmup_steps=2", "train.log_every=0",
           "tracking.enabled=false", "checkpoint.export=false", "data.vl_per_batch=4", "data.text_per_batch=4"]
 NO_DROPOUT = ['model.overrides={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, '
@@ -22,8 +24,9 @@ def _losses(report):
 def test_two_ranks_equal_one_rank_with_accumulation(stage, default_data, tmp_path):
     steps = 4
     base = {"batches": str(default_data), "num_batches": 2 * steps}
+    # lr 5e-3: a from-scratch tiny model learns the word frequencies within these 4 steps ("it trains")
     common = [*COMMON, *NO_DROPOUT, "train.precision=fp32", f"train.steps={steps}", "checkpoint.every=100",
-              f"train.ds_config=ds_configs/zero{stage}.json"]
+              f"train.ds_config=ds_configs/zero{stage}.json", "optimizer.lr=5.0e-3"]
     two, _ = run_ranks({**base, "overrides": [*common, "train.grad_accum=1",
                                               f"train.output_dir={tmp_path / 'two'}"]}, 2, tmp_path)
     one, _ = run_ranks({**base, "overrides": [*common, "train.grad_accum=2",
@@ -82,25 +85,14 @@ def test_killed_run_resumes_with_the_same_losses_and_the_same_mlflow_run(default
     assert {"config", "plots"} <= artifacts
 
 
-def test_export_matches_the_engine_model(default_data, tmp_path):
-    overrides = [*COMMON, *NO_DROPOUT, "train.precision=fp32", "train.steps=2", "checkpoint.every=100",
-                 "checkpoint.export=true", f"train.output_dir={tmp_path / 'export'}"]
-    report, _ = run_ranks({"overrides": overrides, "batches": str(default_data), "num_batches": 4,
-                           "compare_export": str(default_data)}, 2, tmp_path)
-    assert report["export_dir"] and report["export_max_abs_diff"] < 1e-5
-    # ... and it is the trained model, not the BERT it started from: two Adam steps at lr 5e-4 moved the
-    # word embeddings by about the learning rate (warm-up: 2.5e-4 then 5e-4).
-    assert 1e-4 < report["export_vs_bert_max_abs_diff"] < 1e-2
-
-
 def test_checkpoint_of_another_model_size_is_refused_before_any_step(default_data, tmp_path):
     out = tmp_path / "size"
     base = [*COMMON, "train.precision=fp32", "train.steps=1", "checkpoint.every=1", f"train.output_dir={out}"]
     run_ranks({"overrides": base, "batches": str(default_data), "num_batches": 1}, 1, tmp_path)
-    _, ranks = run_ranks({"overrides": [*base, "model.bert=", "model.preset=tiny", "train.steps=2"],
-                               "batches": str(default_data), "num_batches": 2}, 1, tmp_path, expect_ok=False)
+    _, ranks = run_ranks({"overrides": [*base, "model.preset=mini", "train.steps=2"],
+                          "batches": str(default_data), "num_batches": 2}, 1, tmp_path, expect_ok=False)
     assert ranks[0].returncode != 0 and "is of another model" in ranks[0].stdout
-    assert "hidden_size: checkpoint 384 vs config 64" in ranks[0].stdout
+    assert "hidden_size: checkpoint 64 vs config 384" in ranks[0].stdout
 
 
 def test_resume_on_another_number_of_ranks_through_a_universal_checkpoint(default_data, tmp_path):
@@ -111,17 +103,9 @@ def test_resume_on_another_number_of_ranks_through_a_universal_checkpoint(defaul
                                "batches": str(default_data), "num_batches": 2}, 1, tmp_path)
     assert "resumed from step00000002_universal: step 2" in ranks[0].stdout
     assert sorted(int(k) for k in report["step_losses"]) == [3, 4]
-    assert all(v == v and v < 20 for v in report["step_losses"].values())
+    # finite, and no worse than guessing: a from-scratch model starts near the uniform loss,
+    # 2 x ln(30522) (both MLMs) + ln(25) (RoI classes) = 23.8
+    assert all(v == v and v < 2 * math.log(30522) + math.log(25) + 1 for v in report["step_losses"].values())
     assert (out / "checkpoints/step00000004/COMPLETE").is_file()
 
 
-def test_short_pretraining_learns_to_use_the_image(tmp_path):
-    """The main job in small: 2 ranks, bf16, ZeRO-2, the embedded default; grounding must beat the baseline."""
-    report, _ = run_ranks({"config": "configs/default.yaml",
-                           "overrides": ["train.steps=200", "checkpoint.every=1000", "checkpoint.export=false",
-                                         "tracking.enabled=false", f"train.output_dir={tmp_path / 'ground'}",
-                                         f"data.prepare_default={tmp_path / 'data'}", "grounding.samples=300"]},
-                              2, tmp_path, timeout=900)
-    final = report["final"]
-    with_image, withheld = final["grounded_mlm_acc_with_image"], final["grounded_mlm_acc_image_withheld"]
-    assert with_image >= withheld + 0.05, (with_image, withheld)

@@ -112,7 +112,10 @@ class TrainSection:
     steps: int = option(1000, "optimizer steps")
     grad_accum: int = option(1, "micro-batches per rank per optimizer step; resumed on another world size it "
                                 "is re-derived to keep the global batch (world x grad_accum micro-batches)")
-    precision: Literal["bf16", "fp16", "fp32"] = option("bf16", "training precision (fp16 needs a GPU)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto", "training precision; auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16, AMX, "
+                "Ampere on), else fp32 (resolved at load; fp16 needs a GPU and is never chosen by auto)")
+    precision_reason: str = option("", "set at load: why train.precision resolved as it did (not an input)")
     ds_config: str = option("ds_configs/zero2.json", "DeepSpeed JSON (ZeRO stage, buckets, offload); "
                                                      "ds_configs/* are shipped with the package")
     seed: int = option(12345, "seed of the model, masking and data order")
@@ -201,6 +204,9 @@ def resume_changes(saved: dict[str, Any] | None, config: RunConfig, where: str) 
         fixed = [c for c in fixed if c[0] not in config.data_keys]
     if fixed and not config.checkpoint.force_resume:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in fixed)
+        if any(key == "train.precision" for key, _, _ in fixed):
+            listed += (" (train.precision=auto resolves from this machine's hardware: set train.precision to the "
+                       "checkpoint's value to continue here)")
         raise ValueError(f"resuming {where} with changed keys that are fixed for a run ({listed}): the checkpoint's "
                          "weights, data position or batch depend on them. Restore them, start a new run (another "
                          "train.output_dir), set data.reset_position=true when only the data changed (it restarts "
@@ -262,6 +268,15 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """Defaults that follow from other keys, filled in (called once by `load_config`)."""
         return self
+
+    def with_precision_resolved(self, device_type: str | None = None) -> RunConfig:
+        """`train.precision: auto` -> bf16 or fp32 for this machine's hardware, the reason beside it
+        (`precision.resolve_precision`); an explicit choice is kept."""
+        from vlbert_ds.train.precision import resolve_precision
+
+        choice = resolve_precision(self.train.precision, device_type)
+        train = dataclasses.replace(self.train, precision=choice.precision, precision_reason=choice.reason)
+        return dataclasses.replace(self, train=train)
 
     @property
     def checkpoint_dir(self) -> str:
@@ -575,7 +590,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (),
         data.setdefault(section, {})[key] = value
     config = config_from_dict(data, kind)
     config.validate()
-    return config.resolved()
+    return config.resolved().with_precision_resolved()
 
 
 def _type_name(annotation: Any) -> str:

@@ -8,6 +8,9 @@
                                           committed (`latest` moved), before its metrics go to MLflow
     VLBERT_FAULT_RAISE_AT_STEP=N          raise a RuntimeError (an ordinary crash: the exit path runs) at step N
     VLBERT_FAULT_RANK=R                   only rank R injects (default: every rank for exits, rank 0 for NaN)
+    VLBERT_FAULT_STEP_PAUSE_S=S           sleep S seconds after every step: a tiny test model's steps take
+                                          milliseconds, and a test that signals or kills a run mid-way
+                                          needs the run to still be running when the signal lands
 
 They live in one place so that the training loop reads as training, with one call per hook.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 
@@ -31,6 +35,7 @@ class Faults:
     raise_at_step: int = 0
     rank: int = -1  # -1 = default per fault
     crash_after_commit: int = 0
+    step_pause_s: float = 0.0
     _poisoned: bool = field(default=False, repr=False)
 
     @classmethod
@@ -38,7 +43,8 @@ class Faults:
         rank = os.environ.get("VLBERT_FAULT_RANK")
         return cls(_int("VLBERT_FAULT_EXIT_AFTER_STEP"), _int("VLBERT_FAULT_NAN_LOSS_AT_STEP"),
                    _int("VLBERT_FAULT_CRASH_IN_CHECKPOINT"), _int("VLBERT_FAULT_RAISE_AT_STEP"),
-                   int(rank) if rank else -1, _int("VLBERT_FAULT_CRASH_AFTER_COMMIT"))
+                   int(rank) if rank else -1, _int("VLBERT_FAULT_CRASH_AFTER_COMMIT"),
+                   float(os.environ.get("VLBERT_FAULT_STEP_PAUSE_S", "0") or 0))
 
     def _mine(self, rank: int, default_all: bool) -> bool:
         return rank == self.rank if self.rank >= 0 else (default_all or rank == 0)
@@ -64,6 +70,10 @@ class Faults:
         if self.crash_after_commit and step == self.crash_after_commit and self._mine(rank, default_all=True):
             sys.stdout.flush()
             os._exit(19)
+
+    def pause_after_step(self) -> None:
+        if self.step_pause_s > 0:
+            time.sleep(self.step_pause_s)
 
     def maybe_raise(self, step: int, rank: int) -> None:
         if self.raise_at_step and step == self.raise_at_step and self._mine(rank, default_all=True):

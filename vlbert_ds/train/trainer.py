@@ -33,6 +33,7 @@ from vlbert_ds.train.distributed import DistEnv
 from vlbert_ds.train.engine import apply_optimizer_config, build_ds_config, grad_norm, make_engine
 from vlbert_ds.train.faults import Faults
 from vlbert_ds.train.metrics import MetricsLogger, StepAccumulator
+from vlbert_ds.train.precision import PrecisionChoice, slow_bf16_warning, training_device_type
 from vlbert_ds.train.preemption import StopRequests
 from vlbert_ds.train.run_lock import RunFolderBusy, RunLock
 from vlbert_ds.train.tracking import Tracker, resolve_uri
@@ -163,6 +164,7 @@ class Trainer:
                 self.maybe_checkpoint()
                 self.faults.maybe_exit_after(self.state.step, self.dist.rank)
                 self.faults.maybe_raise(self.state.step, self.dist.rank)
+                self.faults.pause_after_step()
                 if self.maybe_stop():
                     return self.result(preempted=True)
                 self.beat()
@@ -295,6 +297,7 @@ class Trainer:
         if dist.is_main:
             print("resolved config:\n" + config.to_yaml(), flush=True)
             (self.output / "resolved_config.yaml").write_text(config.to_yaml())
+            self.announce_precision()
         self.checkpoints = CheckpointManager(
             config.checkpoint_dir, config.checkpoint.keep, dist.rank,
             before_commit=lambda step: self.faults.maybe_crash_in_checkpoint(step, dist.rank),
@@ -319,6 +322,14 @@ class Trainer:
                                      config.train.log_every, recipe.headline)
         self.metrics.start(self.state.step)
         self.engine.train()
+
+    def announce_precision(self) -> None:
+        """Say which precision runs and why; warn, with the measured slowdown, when bf16 is emulated."""
+        train = self.config.train
+        print(f"precision {train.precision}: {train.precision_reason}", flush=True)
+        warning = slow_bf16_warning(PrecisionChoice(train.precision, train.precision_reason), training_device_type())
+        if warning:
+            log.warning(warning)
 
     def take_run_folder(self) -> None:
         """Rank 0 locks the output folder (one run per folder); every rank learns whether it did."""

@@ -1,0 +1,92 @@
+"""The main job in small, run once: MiniLM, 2 DeepSpeed ranks, ZeRO-2, the embedded default, MLflow on.
+
+One expensive run (`short_pretraining`, module-scoped) and separate tests that read what it left: its
+grounding check, its exported weights, its MLflow run and its metrics file.
+
+Why the grounding margin holds (the test of `test_short_pretraining_learns_to_use_the_image`): with
+{steps} steps of {vl} image-caption rows (+{text} text rows) per step over 2 ranks, fp32 (pinned, so the
+figures hold on CPUs with and without native bf16), the default seed and 4 others gave, on 300 held-out
+captions (MLM accuracy on masked colour/shape/relation words, with the image / image withheld):
+SEEDS_TABLE
+The smallest margin is MIN_MARGIN, against the asserted 0.05; the image-withheld accuracy is the
+language prior (word frequencies), which the image adds to once the visual LayerNorm gains and the
+fresh visual parameters (10x the learning rate) have had about a hundred steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from ranks import run_ranks
+
+from vlbert_ds.train.engine import lr_lambda
+
+pytestmark = pytest.mark.slow
+
+STEPS = 250
+VL_PER_RANK = 16  # 32 image-caption rows per step over the 2 ranks
+TEXT_PER_RANK = 2
+LR, WARMUP = 2.0e-4, 30  # configs/default.yaml
+
+
+def short_pretraining_spec(tmp: Path, seed: int | None = None) -> dict:
+    """The run's worker spec (also what `benchmarks/grounding_seeds.py` runs for other seeds)."""
+    return {"config": "configs/default.yaml",
+            "overrides": [f"train.steps={STEPS}", "train.precision=fp32", f"data.vl_per_batch={VL_PER_RANK}",
+                          f"data.text_per_batch={TEXT_PER_RANK}", "checkpoint.every=1000", "checkpoint.export=true",
+                          f"train.output_dir={tmp / 'run'}", f"data.prepare_default={tmp / 'data'}",
+                          "grounding.samples=300", "tracking.experiment=short-pretraining",
+                          *([f"train.seed={seed}"] if seed is not None else [])],
+            "compare_export": str(tmp / "data")}
+
+
+@pytest.fixture(scope="module")
+def short_pretraining(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("short-pretraining")
+    report, ranks = run_ranks(short_pretraining_spec(tmp), 2, tmp)
+    return report, ranks, tmp / "run"
+
+
+def test_short_pretraining_learns_to_use_the_image(short_pretraining):
+    """Grounding with the image beats the image withheld by 0.05 (see the module docstring for why)."""
+    final = short_pretraining[0]["final"]
+    with_image, withheld = final["grounded_mlm_acc_with_image"], final["grounded_mlm_acc_image_withheld"]
+    assert with_image >= withheld + 0.05, (with_image, withheld)
+
+
+def test_the_export_is_the_engine_model_and_not_the_bert_it_started_from(short_pretraining):
+    """The consolidated save_pretrained weights of the 2-rank ZeRO-2 run give the engine's outputs, and the
+    word embeddings moved from MiniLM's: by more than 1e-4, and by no more than Adam can move a weight,
+    about 3.2 x the learning rate per step at most ((1 - beta1) / sqrt(1 - beta2) early on), summed over
+    the schedule."""
+    report = short_pretraining[0]
+    assert report["export_dir"] and report["export_max_abs_diff"] < 1e-5
+    factor = lr_lambda(WARMUP, STEPS, "linear")
+    reach = 3.2 * sum(LR * factor(step) for step in range(STEPS))
+    assert 1e-4 < report["export_vs_bert_max_abs_diff"] < reach, (report["export_vs_bert_max_abs_diff"], reach)
+
+
+def test_its_mlflow_run_and_metrics_file_hold_every_step_once(short_pretraining):
+    from mlflow.tracking import MlflowClient
+
+    report, ranks, out = short_pretraining
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+    first, last = rows[0]["loss"], [r["loss"] for r in rows if "loss" in r][-20:]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r) and sum(last) / len(last) < first - 5
+    client = MlflowClient(report["tracking_uri"])
+    run = client.get_run(report["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.precision"] == "fp32" and run.data.params["world_size"] == "2"
+    assert run.data.params["train.precision_reason"] == "train.precision=fp32 as configured"
+    history = client.get_metric_history(report["run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    by_step = {m.step: m.value for m in history}
+    assert all(abs(by_step[r["step"]] - r["loss"]) < 1e-9 for r in rows if "loss" in r)
+    grounding = client.get_metric_history(report["run_id"], "grounded_mlm_acc_with_image")
+    assert [m.value for m in grounding] == pytest.approx([report["final"]["grounded_mlm_acc_with_image"]])
+    assert "precision fp32: train.precision=fp32 as configured" in ranks[0].stdout
