@@ -208,12 +208,13 @@ def test_a_two_node_job_stopped_mid_epoch_continues_as_a_one_node_job(slurm, def
     assert len(keys) == 160 and len(set(keys)) == 160  # every sample of the epoch once, across the change
 
 
-def test_finetune_sbatch_runs_the_same_way(slurm, synthetic_tasks, tmp_path):
+def test_finetune_sbatch_runs_the_same_way(slurm, synthetic_tasks, tiny_pretrained, tmp_path):
     log = tmp_path / "job.out"
     out = tmp_path / "run"
     env = {**slurm.env(), "VLBERT_PYTHON": sys.executable, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     overrides = [f"task.train={synthetic_tasks}/refcoco/train", f"task.val={synthetic_tasks}/refcoco/val",
-                 "model.num_region_classes=25", "task.batch_size=4", "train.steps=3", "optimizer.warmup_steps=1",
+                 f"task.init={tiny_pretrained}", "model.num_region_classes=25",
+                 "task.batch_size=4", "train.steps=3", "optimizer.warmup_steps=1",
                  "data.num_workers=1", "tracking.enabled=false", "checkpoint.export=false", "train.log_every=0",
                  f"train.output_dir={out}"]
     done = subprocess.run(["sbatch", "--wait", "--job-name=vlbert-slurm-test", f"--output={log}", f"--chdir={REPO}",
