@@ -94,3 +94,29 @@ def test_a_resume_whose_auto_precision_resolves_otherwise_is_refused_with_the_wa
     saved["train"]["precision"] = "bf16"
     with pytest.raises(ValueError, match=r"train\.precision: 'bf16' -> 'fp32'.*checkpoint's value"):
         resume_changes(saved, config, "runs/x")
+
+
+@pytest.mark.slow
+def test_a_run_says_its_precision_and_warns_when_bf16_is_emulated(default_data, tmp_path):
+    """As a user sees it: `vlbert-pretrain` prints the precision and why; an explicit bf16 on a CPU
+    without native bf16 (emulated here by the oneDNN/ATen caps) runs, with the measured slowdown."""
+    from ranks import TINY
+
+    base = [*TINY, "model.num_region_classes=25", f"data.vl_sources=[{default_data}/vl/train]",
+            f"data.text_sources=[{default_data}/text/train]", "data.samples_per_epoch=16", "data.num_workers=0",
+            "data.vl_per_batch=2", "data.text_per_batch=2", "train.steps=1", "tracking.enabled=false",
+            "checkpoint.export=false", "train.log_every=0"]
+    env = {"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1", **CAPPED}
+    runs = {}
+    for name, extra in (("auto", []), ("bf16", ["train.precision=bf16"])):
+        runs[name] = subprocess.run([sys.executable, "-m", "vlbert_ds.cli.pretrain", *base, *extra,
+                                     f"train.output_dir={tmp_path / name}"], env=env, capture_output=True,
+                                    text=True, timeout=900)
+        assert runs[name].returncode == 0, runs[name].stdout[-2000:] + runs[name].stderr[-2000:]
+    auto = runs["auto"].stdout + runs["auto"].stderr
+    # the reason names the missing flags on a CPU without them, the cap on one with them
+    assert "precision fp32: auto: " in auto and "x slower" not in auto
+    assert ("no avx512_bf16 or amx_bf16" in auto) != ("ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN off" in auto)
+    asked = runs["bf16"].stdout + runs["bf16"].stderr
+    assert "precision bf16: train.precision=bf16 as configured" in asked
+    assert "train.precision=bf16 on a CPU without native bf16" in asked and "x slower" in asked
