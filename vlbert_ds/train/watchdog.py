@@ -37,6 +37,7 @@ class Watchdog:
         folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
         self.path = folder / f"vlbert_ds-heartbeat-{os.getpid()}-{rank}"
         self.info: dict = {"step": 0, "time": time.time(), "rank": rank}
+        self.step_seconds: list[float] = []  # measured here, at every step, not by the watcher's 1 s polls
         self._write()
         faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
         self.process = subprocess.Popen(
@@ -52,8 +53,13 @@ class Watchdog:
              run_id: str | None = None) -> None:
         """After a step (phase train), or before a long stretch without steps (checkpoint, evaluate: the
         start-up allowance applies to those)."""
-        self.info.update(step=step, phase=phase, time=time.time(), beat=self.info.get("beat", 0) + 1,
-                         tracking_uri=tracking_uri, run_id=run_id)
+        now = time.time()
+        if phase == "train" and step > self.info["step"]:  # from the previous beat: a checkpoint is not a step
+            per_step = (now - self.info["time"]) / (step - self.info["step"])
+            self.step_seconds = [*self.step_seconds[-99:], per_step]
+        median = statistics.median(self.step_seconds) if self.step_seconds else None
+        self.info.update(step=step, phase=phase, time=now, beat=self.info.get("beat", 0) + 1,
+                         tracking_uri=tracking_uri, run_id=run_id, median_step_s=median)
         self._write()
 
     def stop(self) -> None:
@@ -111,12 +117,15 @@ def watch(pid: int, path: Path, factor: float, min_s: float, startup_s: float) -
             last_step, last_beat, last_change, step_time = info["step"], info.get("beat"), info["time"], info["time"]
             continue
         quiet = time.time() - last_change
-        in_steps = info.get("phase", "train") == "train" and durations
-        allowed = max(min_s, factor * statistics.median(durations)) if in_steps else startup_s
+        # The trainer's own median (every step measured); the watcher's polls see steps only when they last
+        # over a second, and a run frozen before two polls saw two steps would get the start-up allowance.
+        median = info.get("median_step_s") or (statistics.median(durations) if durations else None)
+        in_steps = info.get("phase", "train") == "train" and median is not None
+        allowed = max(min_s, factor * median) if in_steps else startup_s
         if quiet <= allowed:
             continue
         reason = (f"no step for {quiet:.0f} s after step {last_step} (allowed {allowed:.0f} s: "
-                  + (f"{factor:g} x the median step of {statistics.median(durations):.2f} s, at least {min_s:g} s)"
+                  + (f"{factor:g} x the median step of {median:.2f} s, at least {min_s:g} s)"
                      if in_steps else f"the allowance outside steps, phase {info.get('phase')})"))
         print(f"watchdog (rank {info.get('rank')}): {reason}; dumping the trainer's stacks and stopping it",
               file=sys.stderr, flush=True)
