@@ -84,7 +84,7 @@ def test_the_emulated_cpu_resolves_to_fp32_and_warns_with_the_measured_slowdown(
         "auto = load_config(None, ['data.vl_sources=[x]']).train; "
         "asked = resolve_precision('bf16', 'cpu'); "
         "print(json.dumps({'auto': auto.precision, 'reason': auto.precision_reason, "
-        "'warning': slow_bf16_warning(asked, 'cpu'), 'rates': matmul_rates()}))"
+        "'warning': slow_bf16_warning(asked.precision, 'cpu'), 'rates': matmul_rates()}))"
     )
     env = {"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **CAPPED}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)

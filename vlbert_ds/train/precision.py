@@ -117,9 +117,9 @@ def matmul_rates(size: int = 256, seconds: float = 0.2) -> dict[str, float]:
         torch.set_num_threads(threads)
 
 
-def slow_bf16_warning(choice: PrecisionChoice, device_type: str) -> str | None:
+def slow_bf16_warning(precision: str, device_type: str) -> str | None:
     """A warning with the measured slowdown when bf16 was asked for on a CPU that emulates it."""
-    if choice.precision != "bf16" or device_type != "cpu":
+    if precision != "bf16" or device_type != "cpu":
         return None
     native, why = cpu_bf16_support()
     if native:

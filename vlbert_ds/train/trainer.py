@@ -33,7 +33,7 @@ from vlbert_ds.train.distributed import DistEnv
 from vlbert_ds.train.engine import apply_optimizer_config, build_ds_config, grad_norm, make_engine
 from vlbert_ds.train.faults import Faults
 from vlbert_ds.train.metrics import MetricsLogger, StepAccumulator
-from vlbert_ds.train.precision import PrecisionChoice, slow_bf16_warning, training_device_type
+from vlbert_ds.train.precision import slow_bf16_warning, training_device_type
 from vlbert_ds.train.preemption import StopRequests
 from vlbert_ds.train.run_lock import RunFolderBusy, RunLock
 from vlbert_ds.train.tracking import Tracker, resolve_uri
@@ -327,7 +327,7 @@ class Trainer:
         """Say which precision runs and why; warn, with the measured slowdown, when bf16 is emulated."""
         train = self.config.train
         print(f"precision {train.precision}: {train.precision_reason}", flush=True)
-        warning = slow_bf16_warning(PrecisionChoice(train.precision, train.precision_reason), training_device_type())
+        warning = slow_bf16_warning(train.precision, training_device_type())
         if warning:
             log.warning(warning)
 
