@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from ranks import run_ranks  # noqa: E402
-from test_short_pretraining import STEPS, TEXT_PER_RANK, VL_PER_RANK, short_pretraining_spec  # noqa: E402
+from test_short_pretraining import RANKS, STEPS, TEXT_PER_RANK, VL_PER_RANK, short_pretraining_spec  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix=f"grounding-seed{seed}-") as folder:
             start = time.monotonic()
-            report, _ = run_ranks(short_pretraining_spec(Path(folder), seed), 2, Path(folder))
+            report, _ = run_ranks(short_pretraining_spec(Path(folder), seed), RANKS, Path(folder))
             final = report["final"]
             rows.append({"seed": seed, "seconds": round(time.monotonic() - start, 1),
                          "with_image": final["grounded_mlm_acc_with_image"],
@@ -47,7 +47,7 @@ def main() -> None:
     print(f"margins: min {min(margins):+.3f}  mean {sum(margins) / len(margins):+.3f}  max {max(margins):+.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "run": {"steps": STEPS, "ranks": 2, "vl_per_rank": VL_PER_RANK, "text_per_rank": TEXT_PER_RANK,
+            "run": {"steps": STEPS, "ranks": RANKS, "vl_per_rank": VL_PER_RANK, "text_per_rank": TEXT_PER_RANK,
                     "precision": "fp32"},
             "seeds": rows, "machine": {"platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}},
             indent=1) + "\n")

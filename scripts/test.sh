@@ -11,4 +11,8 @@ if ! command -v slurmctld >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v ap
 fi
 bash scripts/setup.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q --durations=30 "$@"
+# Two workers, a test file each at a time, longest files first (tests/conftest.py: LONGEST_FIRST): the
+# multi-process tests leave about half of a 2-core machine idle (start-up, waits, single-rank runs), so a
+# second worker fills it. VLBERT_TEST_WORKERS=0 runs everything in this one process (e.g. to use -s/pdb).
+workers=${VLBERT_TEST_WORKERS:-2}
+exec .venv/bin/python -m pytest -q --durations=30 -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

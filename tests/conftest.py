@@ -22,6 +22,22 @@ def pytest_report_header(config) -> str:
             f"tmp_path_retention_policy={config.getini('tmp_path_retention_policy')})")
 
 
+# The longest test files, longest first (docs/testing.md, "Time per file"). scripts/test.sh runs the
+# suite on two pytest-xdist workers, a file per worker at a time (--dist loadfile, in collection order):
+# starting the longest first keeps one long file from running alone at the end while the other worker
+# idles (longest-processing-time-first scheduling).
+LONGEST_FIRST = ("test_short_pretraining.py", "test_run_integrity.py", "test_elastic_resume.py", "test_slurm.py",
+                 "test_train_engine.py", "test_s3.py", "test_synthetic_tasks.py", "test_process_exit.py",
+                 "test_faults.py", "test_finetune_trainer.py", "test_finetune_cli.py", "test_benchmarks.py",
+                 "test_packaging.py", "test_bua_detector.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Put the longest files first; every other file keeps its place after them."""
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 _SECONDS_PER_FILE: dict[str, float] = collections.defaultdict(float)
 
 

@@ -27,10 +27,15 @@ STALL_S = 600.0
 
 
 def progress_marker(paths: list[Path]) -> tuple:
-    """Sizes and modification times of every file under `paths`: it changes while a run makes progress."""
+    """Sizes and modification times of every file under `paths`: it changes while a run makes progress.
+
+    Files and folders come and go while a run writes (DeepSpeed's universal-checkpoint conversion makes and
+    removes a tmp/ tree): os.walk skips a folder that vanished between its listing and its scan, where
+    Path.rglob raised FileNotFoundError and failed the test."""
     marker = []
     for path in paths:
-        files = path.rglob("*") if path.is_dir() else [path]
+        files = ([Path(root) / name for root, _, names in os.walk(path) for name in names] if path.is_dir()
+                 else [path])
         for file in files:
             try:
                 stat = file.stat()

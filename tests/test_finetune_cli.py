@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from services import free_port
 
 pytestmark = pytest.mark.slow
 COMMON = ["model.num_region_classes=25", "train.steps=12", "optimizer.warmup_steps=2", "optimizer.lr=3e-4",
@@ -17,7 +18,7 @@ COMMON = ["model.num_region_classes=25", "train.steps=12", "optimizer.warmup_ste
 
 
 def _finetune(task: str, out: Path, extra: list[str], data: Path, init: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "MASTER_PORT": str(29700 + os.getpid() % 200)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "MASTER_PORT": str(free_port())}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     command = [sys.executable, "-m", "vlbert_ds.cli.finetune", "--task", task, f"task.train={data / task / 'train'}",

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import webdataset as wds
+from services import free_port
 
 from vlbert_ds.data.schema import decode_task
 from vlbert_ds.prep.default import COLOUR_NAMES, SHAPES, make_scene
@@ -103,7 +104,7 @@ def test_refcoco_expressions_pick_out_the_target(synthetic_tasks):
 @pytest.mark.slow
 def test_ablation_command_writes_the_table_plot_and_json(tmp_path):
     """`--task all` end to end at a toy budget: every task and init runs and lands in the report."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "MASTER_PORT": str(29900 + os.getpid() % 90)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "MASTER_PORT": str(free_port())}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     budget = ["--pretrain-steps", "4", "--finetune-steps", "3", "--train-scenes", "40", "--val-scenes", "16"]

@@ -22,13 +22,17 @@ def _losses(report):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_two_ranks_equal_one_rank_with_accumulation(stage, default_data, tmp_path):
+    """Same losses on 2 ranks and on 1 rank with accumulation 2; and the 2-rank run's consolidated
+    save_pretrained export (ZeRO-1, ZeRO-2: each rank holds part of the optimizer state) gives the engine's
+    outputs."""
     steps = 4
     base = {"batches": str(default_data), "num_batches": 2 * steps}
     # lr 5e-3: a from-scratch tiny model learns the word frequencies within these 4 steps ("it trains")
     common = [*COMMON, *NO_DROPOUT, "train.precision=fp32", f"train.steps={steps}", "checkpoint.every=100",
               f"train.ds_config=ds_configs/zero{stage}.json", "optimizer.lr=5.0e-3"]
-    two, _ = run_ranks({**base, "overrides": [*common, "train.grad_accum=1",
-                                              f"train.output_dir={tmp_path / 'two'}"]}, 2, tmp_path)
+    two, _ = run_ranks({**base, "compare_export": str(default_data),
+                        "overrides": [*common, "train.grad_accum=1", "checkpoint.export=true",
+                                      f"train.output_dir={tmp_path / 'two'}"]}, 2, tmp_path)
     one, _ = run_ranks({**base, "overrides": [*common, "train.grad_accum=2",
                                               f"train.output_dir={tmp_path / 'one'}"]}, 1, tmp_path)
     a, b = _losses(two), _losses(one)
@@ -36,6 +40,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(stage, default_data, tmp_pat
     assert a[-1] < a[0]  # it trains
     for x, y in zip(a, b, strict=True):
         assert abs(x - y) <= 1e-4 * max(1.0, abs(y)), (a, b)
+    assert two["export_dir"] and two["export_max_abs_diff"] < 1e-5, two
 
 
 @pytest.fixture(scope="module")
