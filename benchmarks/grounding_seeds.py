@@ -1,8 +1,10 @@
 """The learning test's run (tests/test_short_pretraining.py) for several seeds: its grounding margin per seed.
 
 The test asserts that grounding with the image beats the image withheld by a margin; this script is where
-the margin's evidence comes from. Each seed is one 2-rank run of exactly the test's spec, one after the
-other (so the seconds are those of an otherwise idle machine). Prints a table, writes JSON.
+the margin's evidence comes from. Each seed is one run of exactly the test's spec (its RANKS, batch and
+steps), one after the other (so the seconds are those of an otherwise idle machine; two invocations with
+different --seeds can share a 2-core machine, one core each, and their JSON rows merge). Prints a table,
+writes JSON.
 
     .venv/bin/python benchmarks/grounding_seeds.py --seeds 12345 1 2 3 4 --json benchmarks/results/grounding_seeds.json
 """

@@ -1,24 +1,29 @@
-"""The main job in small, run once: MiniLM, 2 DeepSpeed ranks, ZeRO-2, the embedded default, MLflow on.
+"""The main job in small, run once: MiniLM, ZeRO-2, the embedded default, MLflow on, one rank.
 
 One expensive run (`short_pretraining`, module-scoped) and separate tests that read what it left: its
-grounding check, its exported weights, its MLflow run and its metrics file.
+grounding check, its exported weights, its MLflow run and its metrics file. One rank with the whole batch:
+two single-threaded ranks took 1.6x the CPU for the same steps (ZeRO-2's gloo reduce and gather, and
+per-step work done twice), and the suite's two workers share the CPU. A 2-rank ZeRO export is checked on
+the tiny model (`test_train_engine.py::test_two_ranks_equal_one_rank_with_accumulation`).
 
 Why the grounding margin holds (`test_short_pretraining_learns_to_use_the_image`): with 250 steps of
-32 image-caption rows (+4 text rows) per step over 2 ranks, fp32 (pinned, so the figures hold on CPUs
-with and without native bf16), five seeds gave on 300 held-out captions (1,500 masked colour/shape/
-relation words; `benchmarks/grounding_seeds.py`, `benchmarks/results/grounding_seeds.json`):
+32 image-caption rows + 4 text rows, fp32 (pinned, so the figures hold on CPUs with and without native
+bf16), five seeds gave on 300 held-out captions (1,500 masked colour/shape/relation words;
+`benchmarks/grounding_seeds.py`, `benchmarks/results/grounding_seeds.json`):
 
     seed            12345      1      2      3      4
-    with image      0.348  0.377  0.361  0.353  0.373
-    image withheld  0.265  0.259  0.273  0.283  0.289
-    margin          0.083  0.118  0.089  0.070  0.085     (mean 0.089, min 0.070)
+    with image      0.408  0.402  0.320  0.365  0.371
+    image withheld  0.251  0.281  0.269  0.242  0.243
+    margin          0.157  0.121  0.051  0.123  0.127     (mean 0.116, min 0.051)
 
-The asserted 0.05 is below every seed's margin, and far above what a model that ignores the image gets:
-its two predictions differ only through inputs it does not use, a margin of about 0 (the binomial
-standard error of one accuracy over 1,500 words is 0.012, so even two independent draws rarely differ
-by 0.05). The margin comes late (about 0.00 at step 100, 0.02 at 150, 0.04 at 200 and 0.07 at 300 in a run
-evaluated every 50 steps): the visual LayerNorm gains start at 0.05 and the fresh visual parameters need
-a couple of hundred steps before the masked words can lean on the RoIs, so fewer steps would not do.
+The asserted 0.03 is below every seed's margin (the same run on 2 ranks of 16+2 rows gave 0.070-0.118,
+`grounding_seeds_2ranks.json`; seed 2 shows the spread, so 0.05 would sit on its edge), and far above
+what a model that does not use the image gets: its two predictions differ only through inputs it does
+not use, a margin of about 0 (0.002 at step 30 and 0.00 at step 100 in runs evaluated along the way;
+the binomial standard error of one accuracy over 1,500 words is 0.012). The margin comes late (0.02 at
+step 150, 0.04 at 200, 0.07 at 300 on 2 ranks): the visual LayerNorm gains start at 0.05 and the fresh
+visual parameters need a couple of hundred steps before the masked words can lean on the RoIs, so fewer
+steps would not do.
 """
 
 from __future__ import annotations
@@ -60,10 +65,10 @@ def short_pretraining(tmp_path_factory):
 
 
 def test_short_pretraining_learns_to_use_the_image(short_pretraining):
-    """Grounding with the image beats the image withheld by 0.05 (see the module docstring for why)."""
+    """Grounding with the image beats the image withheld by 0.03 (see the module docstring for why)."""
     final = short_pretraining[0]["final"]
     with_image, withheld = final["grounded_mlm_acc_with_image"], final["grounded_mlm_acc_image_withheld"]
-    assert with_image >= withheld + 0.05, (with_image, withheld)
+    assert with_image >= withheld + 0.03, (with_image, withheld)
 
 
 def test_the_export_is_the_engine_model_and_not_the_bert_it_started_from(short_pretraining):
