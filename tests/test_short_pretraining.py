@@ -2,8 +2,8 @@
 
 One expensive run (`short_pretraining`, module-scoped) and separate tests that read what it left: its
 grounding check, its exported weights, its MLflow run and its metrics file. One rank with the whole batch:
-two single-threaded ranks took 1.6x the CPU for the same steps (ZeRO-2's gloo reduce and gather, and
-per-step work done twice), and the suite's two workers share the CPU. A 2-rank ZeRO export is checked on
+two single-threaded ranks took 1.6x the CPU for the same steps (2.5 against 1.55 CPU-seconds a step;
+docs/testing.md), and the suite's two workers share the CPU. A 2-rank ZeRO export is checked on
 the tiny model (`test_train_engine.py::test_two_ranks_equal_one_rank_with_accumulation`).
 
 Why the grounding margin holds (`test_short_pretraining_learns_to_use_the_image`): with 250 steps of
