@@ -7,6 +7,7 @@ different --seeds can share a 2-core machine, one core each, and their JSON rows
 writes JSON.
 
     .venv/bin/python benchmarks/grounding_seeds.py --seeds 12345 1 2 3 4 --json benchmarks/results/grounding_seeds.json
+    .venv/bin/python benchmarks/grounding_seeds.py --seeds 2 --every 50 data.vl_per_batch=16   # another shape
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -30,27 +32,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[12345, 1, 2, 3, 4])
     parser.add_argument("--json", default="")
+    parser.add_argument("--every", type=int, default=0,
+                        help="also evaluate grounding every N steps (the margin's course; the last row is the test's)")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides after the test's own (another shape than the test's, e.g. "
+                             "data.vl_per_batch=16 train.steps=200); recorded in the JSON")
     args = parser.parse_args()
+    # A SIGTERM unwinds like Ctrl-C, so run_ranks' cleanup kills the seed's worker instead of orphaning it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    extra = [*args.overrides, *([f"grounding.every={args.every}"] if args.every else [])]
+    chosen = dict(o.split("=", 1) for o in extra)
     rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix=f"grounding-seed{seed}-") as folder:
             start = time.monotonic()
-            report, _ = run_ranks(short_pretraining_spec(Path(folder), seed), RANKS, Path(folder))
+            report, _ = run_ranks(short_pretraining_spec(Path(folder), seed, extra), RANKS, Path(folder))
             final = report["final"]
             rows.append({"seed": seed, "seconds": round(time.monotonic() - start, 1),
                          "with_image": final["grounded_mlm_acc_with_image"],
                          "image_withheld": final["grounded_mlm_acc_image_withheld"],
                          "margin": final["grounded_mlm_acc_with_image"] - final["grounded_mlm_acc_image_withheld"],
-                         "final_loss": report["step_losses"][str(STEPS)]})
+                         "final_loss": report["step_losses"][str(max(map(int, report["step_losses"])))]})
             row = rows[-1]
+            if args.every:
+                metrics = Path(folder) / "run" / "metrics.jsonl"
+                course = [json.loads(line) for line in metrics.read_text().splitlines()]
+                row["margin_by_step"] = {r["step"]: round(r["grounded_mlm_acc_with_image"]
+                                                          - r["grounded_mlm_acc_image_withheld"], 4)
+                                         for r in course if "grounded_mlm_acc_with_image" in r and "step" in r}
+                print("  margin by step: " + "  ".join(f"{k}: {v:+.3f}" for k, v in row["margin_by_step"].items()))
             print(f"seed {seed:>6}: with image {row['with_image']:.3f}  withheld {row['image_withheld']:.3f}  "
                   f"margin {row['margin']:+.3f}  ({row['seconds']:.0f} s)", flush=True)
     margins = [r["margin"] for r in rows]
     print(f"margins: min {min(margins):+.3f}  mean {sum(margins) / len(margins):+.3f}  max {max(margins):+.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "run": {"steps": STEPS, "ranks": RANKS, "vl_per_rank": VL_PER_RANK, "text_per_rank": TEXT_PER_RANK,
-                    "precision": "fp32"},
+            "run": {"steps": int(chosen.get("train.steps", STEPS)), "ranks": RANKS,
+                    "vl_per_rank": int(chosen.get("data.vl_per_batch", VL_PER_RANK)),
+                    "text_per_rank": int(chosen.get("data.text_per_batch", TEXT_PER_RANK)), "precision": "fp32",
+                    "overrides": extra},
             "seeds": rows, "machine": {"platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}},
             indent=1) + "\n")
 

@@ -12,10 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_non_editable_install_imports(tmp_path):
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """One non-editable `pip install` for the module's tests (they only read it)."""
+    tmp = tmp_path_factory.mktemp("install")
+    target = tmp / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, cwd=tmp_path)
+                    "--target", str(target), str(ROOT)], check=True, cwd=tmp)
+    return target
+
+
+def test_non_editable_install_imports(installed, tmp_path):
+    target = installed
     code = ("import vlbert_ds, vlbert_ds.model, vlbert_ds.data, vlbert_ds.prep.cli, vlbert_ds.train.config; "
             "from vlbert_ds.model import VLBertForPretraining, VLBertConfig; "
             "print(vlbert_ds.__file__); VLBertForPretraining(VLBertConfig.preset('tiny'))")
@@ -31,12 +39,10 @@ def test_non_editable_install_imports(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_installed_package_pretrains_from_outside_the_repo_with_its_shipped_deepspeed_json(tmp_path):
+def test_an_installed_package_pretrains_from_outside_the_repo_with_its_shipped_deepspeed_json(installed, tmp_path):
     """Non-editable install, run from a folder with no ds_configs/: the default `train.ds_config`
     (ds_configs/zero2.json) is found inside the package."""
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, cwd=tmp_path)
+    target = installed
     shipped = target / "vlbert_ds" / "train" / "ds_configs"
     assert sorted(p.name for p in shipped.glob("*.json")) == ["zero1.json", "zero2.json", "zero2_offload.json",
                                                               "zero3.json"]

@@ -103,13 +103,16 @@ def test_refcoco_expressions_pick_out_the_target(synthetic_tasks):
 
 @pytest.mark.slow
 def test_ablation_command_writes_the_table_plot_and_json(tmp_path):
-    """`--task all` end to end at a toy budget: every task and init runs and lands in the report."""
+    """`--task all` end to end at a toy budget: every task and init runs and lands in the report. MiniLM as the
+    command uses it; small batches (overrides reach the pretraining and every fine-tuning run alike), since
+    what is checked is that each run lands in the report, not what it learns."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "MASTER_PORT": str(free_port())}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     budget = ["--pretrain-steps", "4", "--finetune-steps", "3", "--train-scenes", "40", "--val-scenes", "16"]
+    small = ["data.vl_per_batch=4", "data.text_per_batch=2", "grounding.samples=16", "task.batch_size=4"]
     command = [sys.executable, "-m", "vlbert_ds.cli.finetune", "--task", "all", "--output", str(tmp_path), *budget,
-               "data.num_workers=0", "tracking.enabled=false", "train.precision=fp32"]
+               "data.num_workers=0", "tracking.enabled=false", "train.precision=fp32", *small]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "ablation.json").read_text())
@@ -131,5 +134,5 @@ def test_ablation_command_writes_the_table_plot_and_json(tmp_path):
 
     # The same folder with another pretraining budget is refused instead of silently reusing the run.
     budget[1] = "5"
-    again = subprocess.run(command[:7] + budget + command[-3:], env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command[:7] + budget + command[15:], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "holds a pretraining of 4 steps, not 5" in again.stdout + again.stderr

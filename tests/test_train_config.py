@@ -87,6 +87,39 @@ def test_weight_decay_spares_norms_and_biases_unless_asked():
     assert scaled == [model[2].weight]
 
 
+def test_the_cpu_optimizer_is_torch_fused_adamw_and_steps_like_the_default_one():
+    """One fused pass over the flat ZeRO partition instead of ten (benchmarks/optimizer_step.py), the same
+    update: three steps of the trainer's optimizer against torch's default AdamW with the same groups."""
+    import torch
+
+    from vlbert_ds.train.config import OptimizerSection
+    from vlbert_ds.train.engine import build_optimizer
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)))
+    section = OptimizerSection(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(models[0], section, offload=False)
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
+    plain = torch.optim.AdamW([{**{k: v for k, v in g.items() if k not in ("params", "fused")},
+                                "params": [dict(models[1].named_parameters())[n] for n in names]}
+                               for g, names in zip(fused.param_groups, _group_names(models[0], fused), strict=True)],
+                              lr=section.lr, betas=tuple(section.betas), eps=section.eps)
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, plain), strict=True):
+            optimizer.zero_grad()
+            model(torch.arange(6.0).view(2, 3)).square().sum().backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a, torch.zeros_like(a))
+
+
+def _group_names(model: nn.Module, optimizer) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
 def test_credentials_in_urls_never_reach_the_printed_config_or_mlflow_params():
     from vlbert_ds.train.config import load_config
     from vlbert_ds.train.tracking import redact

@@ -119,7 +119,9 @@ def build_optimizer(model: nn.Module, optimizer: OptimizerSection, offload: bool
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    # The fused CPU kernel: one pass over the flat ZeRO partition instead of one per operation, 10x faster for
+    # MiniLM's 22.7 M parameters on one thread (0.016 s against 0.16 s a step, benchmarks/optimizer_step.py).
+    return torch.optim.AdamW(groups, fused=True, **kwargs)
 
 
 def make_engine(model: nn.Module, ds_config: dict[str, Any], optimizer_config: OptimizerSection, total_steps: int):
