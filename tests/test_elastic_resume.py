@@ -79,9 +79,10 @@ def test_each_zero_stage_resumes_on_another_world_size(stage, default_data, tmp_
 
 @pytest.mark.slow
 def test_a_world_size_that_cannot_keep_the_global_batch_is_refused_naming_the_valid_ones(default_data, tmp_path):
-    common = [*BASE, *_sources(default_data), "train.grad_accum=1", "checkpoint.every=1", "data.num_workers=0"]
+    """A global batch of 2 micro-batches (1 rank x accumulation 2): 1 or 2 ranks keep it, 3 cannot."""
+    common = [*BASE, *_sources(default_data), "train.grad_accum=2", "checkpoint.every=1", "data.num_workers=0"]
     out = tmp_path / "odd"
-    run_ranks({"overrides": [*common, "train.steps=1", f"train.output_dir={out}"]}, 2, tmp_path)
+    run_ranks({"overrides": [*common, "train.steps=1", f"train.output_dir={out}"]}, 1, tmp_path)
     _, ranks = run_ranks({"overrides": [*common, "train.steps=2", f"train.output_dir={out}"]}, 3, tmp_path,
                          expect_ok=False)
     assert ranks[0].returncode != 0
