@@ -7,7 +7,9 @@ different --seeds can share a 2-core machine, one core each, and their JSON rows
 writes JSON.
 
     .venv/bin/python benchmarks/grounding_seeds.py --seeds 12345 1 2 3 4 --json benchmarks/results/grounding_seeds.json
-    .venv/bin/python benchmarks/grounding_seeds.py --seeds 2 --every 50 data.vl_per_batch=16   # another shape
+    .venv/bin/python benchmarks/grounding_seeds.py data.vl_per_batch=16 --every 50 --seeds 2   # another shape
+
+Overrides go before `--seeds` (which takes every number after it).
 """
 
 from __future__ import annotations
