@@ -110,9 +110,10 @@ def test_ablation_command_writes_the_table_plot_and_json(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     budget = ["--pretrain-steps", "4", "--finetune-steps", "3", "--train-scenes", "40", "--val-scenes", "16"]
-    small = ["data.vl_per_batch=4", "data.text_per_batch=2", "grounding.samples=16", "task.batch_size=4"]
-    command = [sys.executable, "-m", "vlbert_ds.cli.finetune", "--task", "all", "--output", str(tmp_path), *budget,
-               "data.num_workers=0", "tracking.enabled=false", "train.precision=fp32", *small]
+    head = [sys.executable, "-m", "vlbert_ds.cli.finetune", "--task", "all", "--output", str(tmp_path)]
+    overrides = ["data.num_workers=0", "tracking.enabled=false", "train.precision=fp32",
+                 "data.vl_per_batch=4", "data.text_per_batch=2", "grounding.samples=16", "task.batch_size=4"]
+    command = [*head, *budget, *overrides]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "ablation.json").read_text())
@@ -134,5 +135,5 @@ def test_ablation_command_writes_the_table_plot_and_json(tmp_path):
 
     # The same folder with another pretraining budget is refused instead of silently reusing the run.
     budget[1] = "5"
-    again = subprocess.run(command[:7] + budget + command[15:], env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([*head, *budget, *overrides], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "holds a pretraining of 4 steps, not 5" in again.stdout + again.stderr
