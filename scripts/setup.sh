@@ -21,5 +21,11 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 # DeepSpeed JIT-compiles its CPU communication op on first use (1-2 minutes): build it once here, into
 # .venv/torch_extensions, instead of inside the first run (where the other ranks wait at the rendezvous).
 DS_ACCELERATOR=cpu .venv/bin/python -m vlbert_ds.train.distributed --build-ops
+# img2dataset, the tool our users download image-caption sets with, for the tests that read its real output.
+# Its own venv: it pins webdataset<0.3 (we use 1.0.2) and brings wandb, opencv and albumentations.
+if [ ! -x .venv-img2dataset/bin/img2dataset ]; then
+  "$python" -m venv .venv-img2dataset
+  .venv-img2dataset/bin/python -m pip --disable-pip-version-check install -q "img2dataset==1.47.0"
+fi
 echo "$want" > "$stamp"
 echo "== .venv ready =="

@@ -28,8 +28,8 @@ def pytest_report_header(config) -> str:
 # idles (longest-processing-time-first scheduling).
 LONGEST_FIRST = ("test_short_pretraining.py", "test_run_integrity.py", "test_elastic_resume.py", "test_slurm.py",
                  "test_train_engine.py", "test_s3.py", "test_synthetic_tasks.py", "test_process_exit.py",
-                 "test_faults.py", "test_finetune_trainer.py", "test_finetune_cli.py", "test_benchmarks.py",
-                 "test_packaging.py", "test_bua_detector.py")
+                 "test_faults.py", "test_benchmarks.py", "test_prep_parts.py", "test_finetune_trainer.py",
+                 "test_finetune_cli.py", "test_packaging.py", "test_bua_detector.py", "test_img2dataset.py")
 
 
 def pytest_collection_modifyitems(items) -> None:

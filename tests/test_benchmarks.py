@@ -96,3 +96,16 @@ def test_optimizer_step_benchmark_times_the_three_adamw_implementations(tmp_path
     assert result["speedup_over_for_loop"]["for-loop (default)"] == 1.0
     assert result["fused_vs_for_loop_max_abs_diff"] < 1e-6  # the same update, not just a faster one
     assert "fused vs for-loop after 3 steps" in done.stdout
+
+
+def test_prep_parts_benchmark_times_one_and_two_parts_and_checks_they_agree(tmp_path):
+    out = tmp_path / "parts.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prep_parts.py"), "--images", "4",
+                           "--detector", "torchvision", "--json", str(out)], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["images"] == 4 and row["same_output"] is True
+    ratio = row["two_parts_images_per_s"] / row["one_part_images_per_s"]
+    assert abs(row["two_parts_over_one"] - ratio) <= 1e-9 * ratio
+    assert "2 parts img/s" in done.stdout

@@ -188,9 +188,9 @@ def test_rows_inserted_into_a_manifest_are_never_mixed_with_old_shards(tmp_path)
     assert _captions(out) == sorted(first)
     inserted = [f"a new cat {i}" for i in range(5)] + first
     _manifest(tmp_path, inserted)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert prep_main(args) == 2  # refused: finished shards were made from other rows
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
     assert prep_main([*args, "--overwrite"]) == 0
     assert _captions(out) == sorted(inserted)  # every row once, no duplicate, none lost
     shorter = first[:4]

@@ -241,3 +241,39 @@ def test_sbatch_file_without_a_config_says_how_to_use_it(slurm, tmp_path):
 def test_sbatch_file_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(SBATCH)]).returncode == 0
     assert os.access(SBATCH, os.R_OK)
+
+
+def test_prep_as_a_job_array_of_parts_then_a_dependent_finalize(slurm, tmp_path):
+    """launch/slurm/prep.sh: a text corpus in 3 parts as a real job array, finalize after them; the folder
+    equals a one-part run's, and every job left the queue."""
+    from pydoc_data.topics import topics
+
+    from vlbert_ds.prep.cli import main as prep_main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(" ".join(p.split()) + "\n" for text in list(topics.values())[:40]
+                              for p in text.split("\n\n") if len(p.split()) > 3))
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    command = ["text", str(corpus), "--samples-per-shard", "50", "--processes", "1"]
+    assert prep_main([*command, "--out", str(whole)]) == 0
+    env = {**slurm.env(), "VLBERT_PYTHON": sys.executable,
+           "VLBERT_SBATCH_ARGS": f"--gres=none --cpus-per-task=1 --time=15 --chdir={tmp_path} "
+                                 f"--output={tmp_path}/part-%a.out",
+           "VLBERT_FINALIZE_ARGS": f"--time=15 --chdir={tmp_path} --output={tmp_path}/finalize.out"}
+    submitted = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "prep.sh"), "3", *command, "--out",
+                                str(parted)], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "3 tasks" in submitted.stdout
+    deadline = time.time() + 600
+    while slurm.run("squeue", "-h", "-o", "%i %T").stdout.strip():
+        assert time.time() < deadline, slurm.run("squeue").stdout + slurm.logs()
+        time.sleep(0.5)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
+    assert (parted / "sizes.json").exists(), logs + slurm.logs()
+    for i in range(3):
+        assert f"vlbert-prep part {i}/3" in (tmp_path / f"part-{i}.out").read_text()
+    assert "parts           | 3" in (tmp_path / "finalize.out").read_text()
+    shards = sorted(p.name for p in whole.glob("shard-*.tar"))
+    assert len(shards) >= 3
+    assert [(parted / s).read_bytes() for s in shards] == [(whole / s).read_bytes() for s in shards]
+    assert (parted / "sizes.json").read_text() == (whole / "sizes.json").read_text()

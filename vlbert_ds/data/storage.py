@@ -14,6 +14,7 @@ import logging
 import os
 import posixpath
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,10 @@ from braceexpand import braceexpand
 log = logging.getLogger(__name__)
 
 SIZES_NAME = "sizes.json"
+# A folder prepared in parts (`vlbert-prep ... --part I/N`) keeps each part's plan and completion marker
+# here; `vlbert-prep finalize` writes sizes.json once every part is done, and readers refuse it before.
+PARTS_DIR = "_parts"
+_PART_FILE = re.compile(r"^(plan|done)-(\d+)-of-(\d+)\.json$")
 
 
 def _fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -81,13 +86,52 @@ def missing_urls(urls: list[str]) -> list[str]:
     return missing
 
 
+def part_markers(folder: str) -> dict[str, dict[int, int]]:
+    """The part files of a folder prepared in parts: {"plan": {part: parts}, "done": {part: parts}}."""
+    fs, path = _fs_and_path(join(folder, PARTS_DIR))
+    found: dict[str, dict[int, int]] = {"plan": {}, "done": {}}
+    try:
+        names = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for name in names:
+        match = _PART_FILE.match(posixpath.basename(str(name).rstrip("/")))
+        if match:
+            found[match.group(1)][int(match.group(2))] = int(match.group(3))
+    return found
+
+
+def unfinalized_reason(folder: str, marker: str = SIZES_NAME) -> str | None:
+    """Why a folder prepared in parts cannot be read yet (None when it can, or was not made in parts):
+    finalizing writes `marker` (sizes.json for shards) last."""
+    if exists(join(folder, marker)):
+        return None
+    markers = part_markers(folder)
+    if not markers["plan"]:
+        return None
+    count = max(markers["plan"].values())
+    missing = [i for i in range(count) if i not in markers["done"]]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        state = f"part(s) {shown} of {count} have not finished"
+    else:
+        state = f"all {count} parts are done"
+    return (f"{folder} was prepared in parts and is not finalized: {state}; run `vlbert-prep finalize {folder}` "
+            "once every part is done")
+
+
 def read_sizes(shard_urls: list[str]) -> dict[str, int]:
-    """Sample count per shard URL from each folder's `sizes.json` (missing entries are absent)."""
+    """Sample count per shard URL from each folder's `sizes.json` (missing entries are absent).
+
+    A folder prepared in parts whose parts are not all done and finalized is refused (ValueError)."""
     folders: dict[str, list[str]] = {}
     for url in shard_urls:
         folders.setdefault(url.rsplit("/", 1)[0] if "/" in url else ".", []).append(url)
     sizes: dict[str, int] = {}
     for folder, urls in folders.items():
+        reason = unfinalized_reason(folder)
+        if reason:
+            raise ValueError(reason)
         table = read_json(join(folder, SIZES_NAME), default={})
         for url in urls:
             name = posixpath.basename(url)

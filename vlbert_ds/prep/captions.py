@@ -30,8 +30,9 @@ import numpy as np
 
 from vlbert_ds.data.schema import Compaction, SampleError, VLRecord, encode_vl
 from vlbert_ds.prep.images import check_boxes, open_image, read_bytes, resize_and_encode
+from vlbert_ds.prep.img2dataset import Img2DatasetFiles, Img2DatasetRow
 from vlbert_ds.prep.lazy import LazyTools
-from vlbert_ds.prep.regions import Regions, open_regions, select_boxes
+from vlbert_ds.prep.regions import BuaTsvIndex, Regions, open_regions, regions_name, select_boxes
 
 # Protocols that reach other machines; every other one (file, local, memory, zip, tar, dir, ...) can read
 # this machine's files and needs --allow-local-urls.
@@ -140,20 +141,42 @@ def resolve_image(reference: str, image_root: str, allow_local: bool = False) ->
     return posixpath.join(image_root.rstrip("/"), reference) if image_root else reference
 
 
-class CaptionSampleMaker(LazyTools):
-    """Turns one manifest row into one encoded sample; picklable, loads its tools lazily per process."""
+def image_bytes_and_caption(row: CaptionRow | Img2DatasetRow, image_root: str, allow_local: bool,
+                            files: Img2DatasetFiles, caption_field: str | None = None,
+                            need_image: bool = True) -> tuple[bytes | None, str, str | None]:
+    """(the image's bytes or None when not needed, the caption, the region key) of a manifest or
+    img2dataset row; SampleError for a row that cannot give them."""
+    if isinstance(row, Img2DatasetRow):
+        data, caption = files.read(row, caption_field)
+        return (data if need_image else None), caption, row.key
+    if row.malformed:
+        raise SampleError("malformed_row", row.malformed)
+    key = row.image_id if row.image_id is not None else row.image  # as `vlbert-prep regions` keys them
+    if not need_image:
+        return None, row.caption or "", key
+    if not row.image:
+        raise SampleError("missing_image")
+    return read_bytes(resolve_image(row.image, image_root, allow_local)), row.caption or "", key
 
-    LAZY = ("_tokenizer", "_regions")
+
+class CaptionSampleMaker(LazyTools):
+    """Turns one manifest (or img2dataset) row into one encoded sample; picklable, loads its tools lazily
+    per process. With `regions_by_shard`, shard N's regions are read from `regions-NNNNNN.tsv` of the
+    regions folder alone (what `--detector` writes, one region file per shard), not from an index of all."""
+
+    LAZY = ("_tokenizer", "_regions", "_files", "_shard_regions")
 
     def __init__(self, image_root: str, regions: str | None, tokenizer: str, with_images: bool = True,
                  short_side: int = 600, max_long_side: int = 1000, quality: int = 90,
-                 allow_local_urls: bool = False, compaction: Compaction | None = None) -> None:
+                 allow_local_urls: bool = False, compaction: Compaction | None = None,
+                 caption_field: str | None = None, regions_by_shard: bool = False) -> None:
         self.compaction = compaction or Compaction()
         self.image_root, self.regions_spec, self.tokenizer_folder = image_root, regions, tokenizer
         self.allow_local_urls = allow_local_urls
         self.with_images, self.short_side, self.max_long_side, self.quality = (
             with_images, short_side, max_long_side, quality)
-        self._regions = self._tokenizer = None
+        self.caption_field, self.regions_by_shard = caption_field, regions_by_shard
+        self._regions = self._tokenizer = self._files = self._shard_regions = None
 
     @property
     def regions(self):
@@ -161,24 +184,40 @@ class CaptionSampleMaker(LazyTools):
             self._regions = open_regions(self.regions_spec)
         return self._regions
 
-    def __call__(self, row: CaptionRow, shard: int, position: int) -> list[dict[str, Any]]:
-        if row.malformed:
-            raise SampleError("malformed_row", row.malformed)
-        caption = " ".join((row.caption or "").split())
+    def regions_of(self, shard: int):
+        if not self.regions_spec:
+            return None
+        if not self.regions_by_shard:
+            return self.regions
+        if self._shard_regions is None or self._shard_regions[0] != shard:
+            url = self.regions_spec.rstrip("/") + "/" + regions_name(shard)
+            self._shard_regions = (shard, BuaTsvIndex([url]))
+        return self._shard_regions[1]
+
+    @property
+    def files(self) -> Img2DatasetFiles:
+        if self._files is None:
+            self._files = Img2DatasetFiles()
+        return self._files
+
+    def __call__(self, row: CaptionRow | Img2DatasetRow, shard: int, position: int) -> list[dict[str, Any]]:
+        data, caption, key = image_bytes_and_caption(row, self.image_root, self.allow_local_urls, self.files,
+                                                     self.caption_field, need_image=False)
+        caption = " ".join(caption.split())
         if not caption or not self.tokenizer(caption, add_special_tokens=False)["input_ids"]:
             raise SampleError("empty_caption")
         regions: Regions | None = None
-        if self.regions is not None:
-            key = row.image_id if row.image_id is not None else row.image  # as `vlbert-prep regions` keys them
+        source_regions = self.regions_of(shard)
+        if source_regions is not None:
             if key is None:
                 raise SampleError("missing_image_id")
-            regions = select_boxes(self.regions.get(key))
+            regions = select_boxes(source_regions.get(key))
         features = scores = None
         jpeg = None
         if self.with_images:
-            if not row.image:
-                raise SampleError("missing_image")
-            image = open_image(read_bytes(resolve_image(row.image, self.image_root, self.allow_local_urls)))
+            data, _, _ = image_bytes_and_caption(row, self.image_root, self.allow_local_urls, self.files,
+                                                 self.caption_field)
+            image = open_image(data)
             width0, height0 = image.size
             jpeg, width, height, scale = resize_and_encode(image, self.short_side, self.max_long_side, self.quality)
         else:
@@ -192,7 +231,7 @@ class CaptionSampleMaker(LazyTools):
                                   f"{regions.image_height}, image {width0} x {height0}")
             boxes = check_boxes(regions.boxes, width0, height0)
             features, scores = regions.features, regions.scores
-        elif row.boxes is not None and len(row.boxes) > 0:
+        elif getattr(row, "boxes", None) is not None and len(row.boxes) > 0:
             try:
                 given = np.asarray(row.boxes, dtype=np.float32)
             except (ValueError, TypeError) as err:
@@ -206,6 +245,7 @@ class CaptionSampleMaker(LazyTools):
                           image_height=height, boxes=boxes * scale, scores=scores, features=features, jpeg=jpeg)
         sample = encode_vl(record, self.compaction)
         meta = json.loads(sample["json"])
-        meta["source"] = {"image": row.image, "image_id": row.image_id}
+        meta["source"] = ({"img2dataset_key": row.key, "url": row.url} if isinstance(row, Img2DatasetRow)
+                          else {"image": row.image, "image_id": row.image_id})
         sample["json"] = json.dumps(meta).encode()
         return [sample]

@@ -17,7 +17,8 @@ import fsspec
 from vlbert_ds.bundled import default_bert
 from vlbert_ds.data import storage
 from vlbert_ds.data.schema import DEFAULT_CLASS_TOPK, FEATURE_DTYPES, Compaction
-from vlbert_ds.prep.writer import PrepSummary, chunk, write_dataset
+from vlbert_ds.prep.parts import SUMMARY_NAME, WHOLE, Part
+from vlbert_ds.prep.writer import PrepSummary, chunk, key_value_table, write_dataset
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="BERT tokenizer folder (default: the bundled MiniLM)")
     parser.add_argument("--skipped-log", default=None, metavar="FILE",
                         help="write every skipped input row with its reason here, one JSON object a line")
+
+
+def _part(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--part", default=None, metavar="I/N",
+                        help="write only part I of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT): N "
+                             "runs on N GPUs or nodes write disjoint files of one --out, each resumable on its own; "
+                             "then `vlbert-prep finalize OUT`")
+
+
+def part_of(args: argparse.Namespace) -> Part:
+    return Part.parse(args.part) if getattr(args, "part", None) else WHOLE
 
 
 def _compaction(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlbert-prep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    captions = sub.add_parser("captions", help="image-caption manifest (+ region files) -> vision-language shards")
+    captions = sub.add_parser("captions", help="image-caption manifest or img2dataset output (+ region files) -> "
+                              "vision-language shards")
     _common(captions)
     _compaction(captions)
-    captions.add_argument("--manifest", required=True, help="JSONL, TSV/CSV (header) or parquet")
+    _part(captions)
+    source = captions.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="JSONL, TSV/CSV (header) or parquet")
+    source.add_argument("--img2dataset", metavar="SRC",
+                        help="img2dataset output: its folder (webdataset or files layout, any fsspec URL) or a brace "
+                             "pattern of its tars; every row of its parquet files is accounted for")
+    captions.add_argument("--caption-field", default=None, metavar="FIELD",
+                          help="with --img2dataset: take the caption from this field of KEY.json (e.g. a column kept "
+                               "with --save_additional_columns) instead of KEY.txt")
+    captions.add_argument("--device", default="auto",
+                          help="with --detector: auto (a GPU when present), cpu, cuda:1, ...")
+    captions.add_argument("--detector-min-size", type=int, default=None, metavar="PX",
+                          help="with --detector: its input short side (as `regions --min-size`)")
+    captions.add_argument("--detector-max-size", type=int, default=None, metavar="PX",
+                          help="with --detector: its input long side at most (as `regions --max-size`)")
     captions.add_argument("--image-root", default=None, help="folder that relative image paths live in "
                           "(default: the manifest's folder)")
     captions.add_argument("--regions", default=None,
@@ -71,9 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--max-long-side", type=int, default=1000)
     captions.add_argument("--samples-per-shard", type=int, default=1000)
 
-    text = sub.add_parser("text", help="plain-text files, one paragraph per line -> text segments")
+    text = sub.add_parser("text", help="text corpora (plain text, parquet, JSONL) -> text segments")
     _common(text)
-    text.add_argument("inputs", nargs="+", help="text files (paths or fsspec URLs)")
+    _part(text)
+    text.add_argument("inputs", nargs="+",
+                      help="paths or fsspec URLs: plain text (.txt, a paragraph per line), parquet or JSONL (.jsonl, "
+                           ".json, optionally .gz/.bz2/.xz/.zst) with a document per row in --text-field")
+    text.add_argument("--text-field", default="text", help="the column/field holding each document (default: text)")
     text.add_argument("--min-words", type=int, default=64, help="basic tokens per segment, at least")
     text.add_argument("--max-wordpieces", type=int, default=128)
     text.add_argument("--samples-per-shard", type=int, default=5000)
@@ -91,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     vqa = sub.add_parser("vqa", help="VQA v2 questions (+ annotations) and region features -> task shards")
     _common(vqa)
     _compaction(vqa)
+    _part(vqa)
     vqa.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_*_questions.json")
     vqa.add_argument("--annotations", default=None, help="v2_mscoco_*_annotations.json (absent for test)")
     vqa.add_argument("--regions", required=True, help="bottom-up-attention TSV file(s) or a folder of frcnn JSON")
@@ -103,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     vcr = sub.add_parser("vcr", help="VCR jsonl + per-image metadata + region features -> task shards")
     _common(vcr)
     _compaction(vcr)
+    _part(vcr)
     vcr.add_argument("--annotations", required=True, help="train.jsonl / val.jsonl / test.jsonl")
     vcr.add_argument("--metadata-root", required=True, help="folder that the items' metadata_fn paths live in")
     vcr.add_argument("--regions", required=True, help="features of the VCR boxes, keyed by metadata file stem")
@@ -111,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     refcoco = sub.add_parser("refcoco", help="RefCOCO+ refs (JSON) + COCO instances + region features -> shards")
     _common(refcoco)
     _compaction(refcoco)
+    _part(refcoco)
     refcoco.add_argument("--refs", required=True, help="refs(unc) converted to JSON (we never unpickle)")
     refcoco.add_argument("--instances", required=True, help="COCO instances_train2014.json")
     refcoco.add_argument("--split", required=True, help="train, val, testA or testB")
@@ -118,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     refcoco.add_argument("--samples-per-shard", type=int, default=2000)
     regions = sub.add_parser("regions", help="detect regions in a caption manifest's images -> region TSV files "
                              "for `vlbert-prep captions --regions DIR`")
-    regions.add_argument("--manifest", required=True, help="the caption manifest (JSONL, TSV/CSV, parquet)")
+    regions_source = regions.add_mutually_exclusive_group(required=True)
+    regions_source.add_argument("--manifest", help="the caption manifest (JSONL, TSV/CSV, parquet)")
+    regions_source.add_argument("--img2dataset", metavar="SRC", help="img2dataset output (as for captions); the "
+                                "regions are keyed by img2dataset's key")
+    _part(regions)
     regions.add_argument("--image-root", default=None, help="folder of relative image paths (default: the manifest's)")
     regions.add_argument("--allow-local-urls", action="store_true", help="as for captions")
     regions.add_argument("--detector", required=True,
@@ -156,8 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
                               "compact features: vlbert-prep convert OLD --out NEW --to-format 2")
     _common(reformat)
     _compaction(reformat)
+    _part(reformat)
     reformat.add_argument("source", help="the shards to convert: a folder, brace pattern or glob (any fsspec URL)")
     reformat.add_argument("--to-format", type=int, choices=[2], required=True, help="the format to write (2)")
+
+    finalize = sub.add_parser("finalize", help="after every --part of a folder is done: check the parts agree and "
+                              "are complete, then write sizes.json and the dataset summary (training needs them)")
+    finalize.add_argument("out", help="the folder the parts wrote (--out of every part)")
+    finalize.add_argument("--skipped-log", default=None, metavar="FILE",
+                          help="write every skipped input row of all parts with its reason here, one JSON object "
+                               "a line")
 
     convert = sub.add_parser("convert-detector", help="a detector weights file (.pkl of numpy arrays, .pth) -> "
                              "safetensors, names unchanged, without running any code in it")
@@ -236,21 +282,78 @@ def run_task(args: argparse.Namespace) -> list[PrepSummary]:
             raise ValueError(f"no RefCOCO+ references in split {args.split!r}")
     maker = converters.TaskRowMaker(args.command, args.regions, compaction_of(args))
     return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, args.command,
-                          args.processes, args.overwrite, args.skipped_log)]
+                          args.processes, args.overwrite, args.skipped_log, part_of(args), regions_provenance(args))]
+
+
+def regions_provenance(args: argparse.Namespace) -> dict:
+    """Where the region features come from, for the summary and the parts' agreement: our detector (its
+    weights' SHA-256, from the regions folder's summary) or region files made elsewhere."""
+    if getattr(args, "detector", None):
+        from vlbert_ds.prep.extract import detector_provenance
+
+        return detector_provenance(args.detector, getattr(args, "detector_min_size", None),
+                                   getattr(args, "detector_max_size", None), 300)
+    spec = getattr(args, "regions", None)
+    if not spec:
+        return {}
+    made_here = storage.read_json(storage.join(spec, SUMMARY_NAME)) if "," not in spec else None
+    return {"regions": spec, **({"detector": made_here.get("provenance")} if made_here else {})}
+
+
+def rows_and_jobs(args: argparse.Namespace, rows_per_job: int):
+    """(jobs, image root, input counts) of a manifest or an img2dataset folder."""
+    if getattr(args, "img2dataset", None):
+        from vlbert_ds.prep.img2dataset import jobs_of, read_img2dataset, summary_inputs
+
+        shards = read_img2dataset(args.img2dataset)
+        return jobs_of(shards, rows_per_job), "", summary_inputs(shards)
+    from vlbert_ds.prep.captions import read_manifest
+
+    rows = read_manifest(args.manifest)
+    root = args.image_root if args.image_root is not None else args.manifest.rsplit("/", 1)[0] \
+        if "/" in args.manifest else "."
+    return list(chunk(rows, rows_per_job)), root, {"manifest rows": len(rows)}
 
 
 def run_regions(args: argparse.Namespace):
-    from vlbert_ds.prep.captions import read_manifest
     from vlbert_ds.prep.extract import extract_regions
 
     for name in ("images_per_file", "batch_size", "min_size", "max_size", "proposals"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    root = args.image_root if args.image_root is not None else args.manifest.rsplit("/", 1)[0] \
-        if "/" in args.manifest else "."
-    return extract_regions(read_manifest(args.manifest), args.out, args.detector, root, args.allow_local_urls,
-                           args.images_per_file, args.batch_size, args.device, args.min_size, args.max_size,
-                           args.proposals, args.overwrite)
+    jobs, root, _ = rows_and_jobs(args, args.images_per_file)
+    return extract_regions(jobs, args.out, args.detector, root, args.allow_local_urls, args.batch_size,
+                           args.device, args.min_size, args.max_size, args.proposals, args.overwrite, part_of(args))
+
+
+def run_finalize(args: argparse.Namespace) -> str:
+    """Finalize a folder of parts (and the regions folder a `captions --detector` run made inside it)."""
+    from vlbert_ds.prep.extract import finalize_regions
+    from vlbert_ds.prep.writer import finalize_shards
+
+    markers = storage.part_markers(args.out)
+    if not markers["plan"]:
+        raise ValueError(f"{args.out}: nothing to finalize: no {storage.PARTS_DIR}/ plans (is it the --out of "
+                         "a vlbert-prep run?)")
+    index, count = next(iter(sorted(markers["plan"].items())))
+    plan = storage.read_json(storage.join(storage.join(args.out, storage.PARTS_DIR), f"plan-{index}-of-{count}.json"))
+    if plan.get("layout") == "regions":
+        summary = finalize_regions(args.out)
+    else:
+        inner = storage.join(args.out, "regions")
+        if storage.part_markers(inner)["plan"]:
+            finalize_regions(inner)
+        summary = finalize_shards(args.out, args.skipped_log)
+    rows = [("output", args.out), ("kind", summary["kind"]), ("parts", str(summary["parts"])),
+            ("files", f"{summary['files']:,}"),
+            *[(f"input {k}", f"{v:,}") for k, v in summary.get("inputs", {}).items()],
+            ("rows in", f"{summary['rows_in']:,}"), ("written", f"{summary['written']:,}"),
+            ("skipped", f"{summary['skipped_total']:,}"),
+            *[(f"  {reason}", f"{n:,}") for reason, n in summary["skipped"].items()],
+            ("bytes", f"{summary['bytes'] / 1e6:,.1f} MB"),
+            *[(f"detector {k}", str(v)) for k, v in (summary.get("provenance") or {}).items() if v is not None],
+            ("summary", storage.join(args.out, SUMMARY_NAME))]
+    return key_value_table(rows)
 
 
 def run(args: argparse.Namespace) -> list[PrepSummary]:
@@ -262,37 +365,42 @@ def run(args: argparse.Namespace) -> list[PrepSummary]:
         from vlbert_ds.prep.convert import convert_dataset
 
         return [convert_dataset(args.source, args.out, compaction_of(args), args.processes, args.overwrite,
-                                args.skipped_log)]
+                                args.skipped_log, part_of(args))]
     tokenizer = args.tokenizer or default_bert()
     if args.command == "captions":
-        from vlbert_ds.prep.captions import CaptionSampleMaker, read_manifest
+        from vlbert_ds.prep.captions import CaptionSampleMaker
 
         if args.no_images and not (args.regions or args.detector):
             raise SystemExit("vlbert-prep captions: --no-images needs --regions or --detector (features come "
                              "from them)")
-        rows = read_manifest(args.manifest)
-        root = args.image_root if args.image_root is not None else args.manifest.rsplit("/", 1)[0] \
-            if "/" in args.manifest else "."
+        for name in ("detector_min_size", "detector_max_size"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if args.caption_field and not args.img2dataset:
+            raise ValueError("--caption-field reads img2dataset's KEY.json: it needs --img2dataset")
+        jobs, root, inputs = rows_and_jobs(args, args.samples_per_shard)
         regions = args.regions
         if args.detector:
             from vlbert_ds.prep.extract import extract_regions
 
             regions = args.regions or storage.join(args.out, "regions")
-            found = extract_regions(rows, regions, args.detector, root, args.allow_local_urls,
-                                    overwrite=args.overwrite)
+            found = extract_regions(jobs, regions, args.detector, root, args.allow_local_urls, device=args.device,
+                                    min_size=args.detector_min_size, max_size=args.detector_max_size,
+                                    overwrite=args.overwrite, part=part_of(args))
             print(found.table(), flush=True)
         maker = CaptionSampleMaker(root, regions, tokenizer, with_images=not args.no_images,
                                    short_side=args.short_side, max_long_side=args.max_long_side,
-                                   allow_local_urls=args.allow_local_urls, compaction=compaction_of(args))
-        return [write_dataset(args.out, list(chunk(rows, args.samples_per_shard)), maker, "vl", args.processes,
-                              args.overwrite, args.skipped_log)]
+                                   allow_local_urls=args.allow_local_urls, compaction=compaction_of(args),
+                                   caption_field=args.caption_field, regions_by_shard=bool(args.detector))
+        return [write_dataset(args.out, jobs, maker, "vl", args.processes, args.overwrite, args.skipped_log,
+                              part_of(args), regions_provenance(args), inputs)]
     if args.command == "text":
-        from vlbert_ds.prep.text import TextSegmentMaker, read_paragraphs, segment_windows
+        from vlbert_ds.prep.text import TextJobs, TextSegmentMaker
 
-        windows = segment_windows(read_paragraphs(args.inputs), args.min_words)
+        jobs = TextJobs(args.inputs, args.text_field, args.min_words, args.max_wordpieces, args.samples_per_shard)
         maker = TextSegmentMaker(tokenizer, args.min_words, args.max_wordpieces)
-        return [write_dataset(args.out, list(chunk(windows, args.samples_per_shard)), maker, "text",
-                              args.processes, args.overwrite, args.skipped_log)]
+        return [write_dataset(args.out, jobs, maker, "text", args.processes, args.overwrite, args.skipped_log,
+                              part_of(args))]
     from vlbert_ds.prep.default import prepare_default
 
     return prepare_default(args.out, tokenizer, args.num_images, args.num_val_images, args.num_text_segments,
@@ -311,12 +419,22 @@ _INPUTS = {
             ("regions", "--regions", "any")],
     "refcoco": [("refs", "--refs", "file"), ("instances", "--instances", "file"), ("regions", "--regions", "any")],
     "regions": [("manifest", "--manifest", "file"), ("image_root", "--image-root", "folder")],
+    "finalize": [("out", "OUT", "folder")],
     "convert": [("source", "source", "any")],
 }
 
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Every input named on the command line exists, before the output folder is touched."""
+    part_of(args)  # a malformed or out-of-range --part
+    if args.command == "text":
+        from vlbert_ds.prep.text import expand_inputs
+
+        args.inputs = expand_inputs(args.inputs)
+    if getattr(args, "img2dataset", None):
+        from vlbert_ds.prep.img2dataset import find_shards
+
+        find_shards(args.img2dataset)
     for attribute, flag, kind in _INPUTS.get(args.command, []):
         value = getattr(args, attribute, None)
         if not value or (attribute == "regions" and getattr(args, "detector", None)):
@@ -340,6 +458,10 @@ def check_inputs(args: argparse.Namespace) -> None:
     elif getattr(args, "regions", None):
         from vlbert_ds.prep.regions import check_regions
 
+        for folder in (p for p in args.regions.split(",") if p):
+            reason = storage.unfinalized_reason(folder, SUMMARY_NAME)
+            if reason:
+                raise ValueError(f"--regions {reason}")
         print(f"regions: {check_regions(args.regions)}", flush=True)
 
 
@@ -356,6 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    if args.command == "finalize":
+        try:
+            print(run_finalize(args))
+        except (ValueError, OSError) as err:
+            print(f"{prog}: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         storage.makedirs(args.out)
     except OSError as err:
@@ -375,6 +504,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for summary in summaries:
         print(summary.table())
+    part = part_of(args)
+    if part.count > 1:
+        print(f"{prog}: part {part} done; run `vlbert-prep finalize {args.out}` when all {part.count} parts are done",
+              flush=True)
+        if all(s.files_total == 0 if args.command == "regions" else s.shards_total == 0 for s in summaries):
+            print(f"{prog}: part {part} owns no output file (the input makes fewer files than parts)")
+            return 0
     if args.command == "regions":
         return 0 if summaries[0].images or summaries[0].files_already_done else 1
     if any(s.samples == 0 for s in summaries):

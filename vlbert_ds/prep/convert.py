@@ -28,6 +28,7 @@ from vlbert_ds.data.schema import (
     encode_vl,
 )
 from vlbert_ds.data.streams import ReadSettings, ShardPiece, SkipCounter, read_indexed
+from vlbert_ds.prep.parts import WHOLE, Part
 from vlbert_ds.prep.writer import PrepSummary, ShardJob, write_dataset
 
 _SHARD_NUMBER = re.compile(r"shard-(\d+)\.tar$")
@@ -114,11 +115,11 @@ def source_jobs(source: str) -> tuple[list[ShardJob], str]:
 
 
 def convert_dataset(source: str, out: str, compaction: Compaction, processes: int = 1, overwrite: bool = False,
-                    skipped_log: str | None = None) -> PrepSummary:
+                    skipped_log: str | None = None, part: Part = WHOLE) -> PrepSummary:
     if storage.join(source, "") == storage.join(out, ""):
         raise ValueError("--out must differ from the source folder (shards are rewritten, not changed in place)")
     jobs, kind = source_jobs(source)
-    summary = write_dataset(out, jobs, ShardConverter(compaction), kind, processes, overwrite, skipped_log)
+    summary = write_dataset(out, jobs, ShardConverter(compaction), kind, processes, overwrite, skipped_log, part)
     folder = source if storage.exists(storage.join(source, storage.SIZES_NAME)) else None
     for name in ("classes.json", "answers.json"):  # side files the loaders read beside the shards
         if folder and storage.exists(storage.join(folder, name)):

@@ -30,22 +30,31 @@ from tqdm import tqdm
 
 from vlbert_ds.data import storage
 from vlbert_ds.data.schema import SampleError
-from vlbert_ds.prep.captions import CaptionRow, resolve_image
-from vlbert_ds.prep.images import open_image, read_bytes
-from vlbert_ds.prep.writer import canonical, key_value_table, plan_resume
+from vlbert_ds.prep.captions import CaptionRow, image_bytes_and_caption
+from vlbert_ds.prep.images import open_image
+from vlbert_ds.prep.img2dataset import Img2DatasetFiles, Img2DatasetRow
+from vlbert_ds.prep.parts import (
+    SUMMARY_NAME,
+    WHOLE,
+    Part,
+    build_plan,
+    check_against_other_parts,
+    check_complete,
+    is_done,
+    mark_done,
+    record_plan,
+    unmark_done,
+)
+from vlbert_ds.prep.regions import regions_name, regions_stats_name
+from vlbert_ds.prep.writer import ShardJob, canonical, existing_files, key_value_table, plan_resume
 
-
-def regions_name(index: int) -> str:
-    return f"regions-{index:06d}.tsv"
-
-
-def regions_stats_name(index: int) -> str:
-    return f"regions-{index:06d}_stats.json"
+_REGION_FILE = r"^regions-(\d{6})(\.tsv|_stats\.json)$"
 
 
 @dataclass
 class RegionsSummary:
     out: str
+    part: Part = WHOLE
     files_total: int = 0
     files_written: int = 0
     files_already_done: int = 0
@@ -55,7 +64,10 @@ class RegionsSummary:
     seconds: float = 0.0
 
     def table(self) -> str:
-        rows = [("output", self.out), ("region files", f"{self.files_total} ({self.files_written} written, "
+        rows = [("output", self.out),
+                *([("part", f"{self.part} (run vlbert-prep finalize when every part is done)")]
+                  if self.part.count > 1 else []),
+                ("region files", f"{self.files_total} ({self.files_written} written, "
                                                         f"{self.files_already_done} already done)"),
                 ("images with regions (this run)", f"{self.images:,}"), ("boxes (this run)", f"{self.boxes:,}"),
                 ("images skipped", f"{sum(self.skipped.values()):,}"),
@@ -77,8 +89,11 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.float32).tobytes()).decode()
 
 
-def region_key(row: CaptionRow) -> str | None:
-    """The key a row's regions are stored and looked up under: its image_id, else its image reference."""
+def region_key(row: CaptionRow | Img2DatasetRow) -> str | None:
+    """The key a row's regions are stored and looked up under: its image_id, else its image reference
+    (the img2dataset key for img2dataset rows)."""
+    if isinstance(row, Img2DatasetRow):
+        return row.key
     return row.image_id if row.image_id is not None else row.image
 
 
@@ -88,12 +103,12 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _load_image(row: CaptionRow, image_root: str, allow_local: bool) -> torch.Tensor:
-    if row.malformed:
-        raise SampleError("malformed_row", row.malformed)
-    if region_key(row) is None:
+def _load_image(row: CaptionRow | Img2DatasetRow, image_root: str, allow_local: bool,
+                files: Img2DatasetFiles) -> torch.Tensor:
+    if isinstance(row, CaptionRow) and not row.malformed and region_key(row) is None:
         raise SampleError("missing_image", "a row needs an image to detect regions in")
-    image = open_image(read_bytes(resolve_image(row.image, image_root, allow_local)))
+    data, _, _ = image_bytes_and_caption(row, image_root, allow_local, files)
+    image = open_image(data)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -118,14 +133,16 @@ class Progress:
         self.bar.close()
 
 
-def write_region_file(out: str, index: int, rows: list[CaptionRow], detector, image_root: str, allow_local: bool,
-                      batch_size: int, device: torch.device, digest: str, progress: Progress) -> dict:
+def write_region_file(out: str, index: int, rows: list[CaptionRow | Img2DatasetRow], detector, image_root: str,
+                      allow_local: bool, batch_size: int, device: torch.device, digest: str, progress: Progress,
+                      files: Img2DatasetFiles | None = None) -> dict:
     """Detect regions in one file's worth of rows, write the TSV, then its stats (the commit marker)."""
     skipped: Counter = Counter()
     images: list[tuple[int, str, torch.Tensor]] = []
+    files = files or Img2DatasetFiles()
     for position, row in enumerate(rows):
         try:
-            images.append((position, str(region_key(row)), _load_image(row, image_root, allow_local)))
+            images.append((position, str(region_key(row)), _load_image(row, image_root, allow_local, files)))
         except SampleError as err:
             skipped[err.reason] += 1
             progress.update(1)
@@ -151,46 +168,90 @@ def write_region_file(out: str, index: int, rows: list[CaptionRow], detector, im
     payload = "".join(lines[p] + "\n" for p in sorted(lines)).encode()
     storage.write_atomic(storage.join(out, regions_name(index)), lambda handle: handle.write(payload))
     stats = {"file": regions_name(index), "rows": len(rows), "images": len(lines), "boxes": boxes_total,
-             "skipped": dict(skipped), "input_digest": digest, "end_time": time.time()}
+             "skipped": dict(skipped), "input_digest": digest, "bytes": len(payload), "end_time": time.time()}
     storage.write_json_atomic(storage.join(out, regions_stats_name(index)), stats)
     return stats
 
 
-def extract_regions(rows: list[CaptionRow], out: str, detector_spec: str, image_root: str = "",
-                    allow_local: bool = False, images_per_file: int = 1000, batch_size: int = 4,
-                    device: str = "auto", min_size: int | None = None, max_size: int | None = None,
-                    proposals: int = 300, overwrite: bool = False) -> RegionsSummary:
+def detector_provenance(detector_spec: str, min_size: int | None, max_size: int | None,
+                        proposals: int) -> dict:
+    """What makes the regions: the detector, its weights' SHA-256 and input sizes (the summary records it;
+    every part of a folder must agree on it)."""
+    from vlbert_ds.model.detector import parse_detector_spec
+
+    kind, arch, weights = parse_detector_spec(detector_spec)
+    return {"detector": f"{kind}:{arch}" if arch else kind, "weights": file_digest(weights) if weights else None,
+            "min_size": min_size, "max_size": max_size, "proposals": proposals}
+
+
+def file_jobs(rows: list, images_per_file: int) -> list[ShardJob]:
+    """A manifest's rows in region files of `images_per_file` rows each."""
+    return [ShardJob(i, rows[start : start + images_per_file], start)
+            for i, start in enumerate(range(0, len(rows), images_per_file))]
+
+
+def extract_regions(jobs: list[ShardJob], out: str, detector_spec: str, image_root: str = "",
+                    allow_local: bool = False, batch_size: int = 4, device: str = "auto",
+                    min_size: int | None = None, max_size: int | None = None, proposals: int = 300,
+                    overwrite: bool = False, part: Part = WHOLE) -> RegionsSummary:
+    """Write region file `job.index` for every job of `part` not done yet; a whole run then finalizes."""
     from vlbert_ds.model.detector import build_region_detector, parse_detector_spec
 
     start_time = time.time()
-    kind, arch, weights = parse_detector_spec(detector_spec)
-    options = {"detector": f"{kind}:{arch}" if arch else kind, "weights": file_digest(weights) if weights else None,
-               "min_size": min_size, "max_size": max_size, "proposals": proposals}
-    files = [rows[i : i + images_per_file] for i in range(0, len(rows), images_per_file)]
-    digests = [hashlib.sha256(json.dumps({"options": options, "first_row": i * images_per_file,
-                                          "rows": canonical(chunk)}, sort_keys=True).encode()).hexdigest()
-               for i, chunk in enumerate(files)]
+    kind, arch, _ = parse_detector_spec(detector_spec)
+    options = detector_provenance(detector_spec, min_size, max_size, proposals)
+    digests = {job.index: hashlib.sha256(json.dumps({"options": options, "first_row": job.first_row,
+                                                     "rows": canonical(job.rows)}, sort_keys=True).encode()
+                                         ).hexdigest() for job in jobs}
     storage.makedirs(out)
-    summary = RegionsSummary(out=out, files_total=len(files))
-    todo, summary.files_already_done = plan_resume(out, dict(enumerate(digests)), overwrite, regions_name,
-                                                    regions_stats_name, r"^regions-(\d{6})(\.tsv|_stats\.json)$")
+    plan = build_plan("regions", "regions", options,
+                      {job.index: (job.part_group, digests[job.index], len(job.rows)) for job in jobs}, part.count,
+                      provenance=options)
+    own = {job.index: digests[job.index] for job in jobs if part.owns(job.part_group)}
+    check_against_other_parts(out, part, plan, overwrite)
+    todo, already_done = plan_resume(out, own, overwrite, regions_name, regions_stats_name, _REGION_FILE,
+                                     others=set(digests) - set(own))
+    record_plan(out, part, plan)
+    summary = RegionsSummary(out=out, part=part, files_total=len(own), files_already_done=already_done)
     if todo:
+        unmark_done(out, part)
+        by_index = {job.index: job for job in jobs}
         target = pick_device(device)
         detector = build_region_detector(detector_spec, min_size, max_size, proposals).to(target)
         name = f"bottom-up-attention {detector.spec.backbone}" if kind == "bua" else f"torchvision {arch}"
         print(f"detector: {name} ({detector.num_classes} classes, {detector.feature_dim}-d features) on {target}",
               flush=True)
-        progress = Progress(sum(len(files[i]) for i in todo))
+        progress = Progress(sum(len(by_index[i].rows) for i in todo))
+        files = Img2DatasetFiles()
         for index in todo:
-            stats = write_region_file(out, index, files[index], detector, image_root, allow_local, batch_size,
-                                      target, digests[index], progress)
+            stats = write_region_file(out, index, by_index[index].rows, detector, image_root, allow_local,
+                                      batch_size, target, digests[index], progress, files)
             summary.files_written += 1
             summary.images += stats["images"]
             summary.boxes += stats["boxes"]
+        files.close()
         progress.close()
-    for index in range(len(files)):
-        stats = storage.read_json(storage.join(out, regions_stats_name(index)))
+    own_stats = [storage.read_json(storage.join(out, regions_stats_name(index))) for index in sorted(own)]
+    for stats in own_stats:
         if stats is not None:
             summary.skipped.update(stats["skipped"])
+    finished_before = not todo and is_done(out, part)  # a re-run with nothing to do changes no file
+    if not finished_before:
+        mark_done(out, part, sorted(own), {"rows": sum(s["rows"] for s in own_stats if s),
+                                           "images": sum(s["images"] for s in own_stats if s)})
+    if part.count == 1 and not (finished_before and storage.exists(storage.join(out, SUMMARY_NAME))):
+        finalize_regions(out)
     summary.seconds = time.time() - start_time
+    return summary
+
+
+def finalize_regions(out: str) -> dict:
+    """Check a regions folder whose parts are all done; write its `prep-summary.json`."""
+    def outside_plan(planned: set[int]) -> list[str]:
+        existing, _ = existing_files(out, _REGION_FILE)
+        return sorted(name for index, names in existing.items() if index not in planned for name in names)
+
+    finished = check_complete(out, regions_stats_name, regions_name, outside_plan)
+    summary = {**finished.summary, "boxes": sum(s.get("boxes", 0) for s in finished.stats.values())}
+    storage.write_json_atomic(storage.join(out, SUMMARY_NAME), summary)
     return summary

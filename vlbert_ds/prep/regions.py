@@ -38,6 +38,15 @@ from vlbert_ds.data.schema import SampleError
 CONF_THRESHOLD, MIN_BOXES, MAX_BOXES = 0.5, 10, 100
 
 
+def regions_name(index: int) -> str:
+    """The region file `vlbert-prep regions` writes for its file (or, with --detector, shard) `index`."""
+    return f"regions-{index:06d}.tsv"
+
+
+def regions_stats_name(index: int) -> str:
+    return f"regions-{index:06d}_stats.json"
+
+
 @dataclass
 class Regions:
     image_width: int

@@ -40,6 +40,18 @@ from tqdm import tqdm
 from vlbert_ds.data import storage
 from vlbert_ds.data.schema import FORMAT_VERSION, SampleError
 from vlbert_ds.lifecycle import die_with_parent
+from vlbert_ds.prep.parts import (
+    SUMMARY_NAME,
+    WHOLE,
+    Part,
+    build_plan,
+    check_against_other_parts,
+    check_complete,
+    is_done,
+    mark_done,
+    record_plan,
+    unmark_done,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +73,22 @@ def stats_name(index: int) -> str:
 class ShardJob:
     """One shard's worth of input rows; `make` turns a row into encoded samples or raises SampleError.
 
-    `first_row` is the input row number of `rows[0]` (for the skipped-rows log)."""
+    `first_row` is the input row number of `rows[0]` (for the skipped-rows log); `group` decides which
+    part writes it (`parts.Part.owns`): the input shard it reads, or by default its own index."""
 
     index: int
     rows: list[Any]
     first_row: int = 0
+    group: int | None = None
+
+    @property
+    def part_group(self) -> int:
+        return self.index if self.group is None else self.group
+
+
+# A list of jobs, or a callable that yields them afresh each time (read twice: planned, then written), so
+# that an input larger than memory (a text corpus) is streamed.
+JobSource = list[ShardJob] | Callable[[], Iterable[ShardJob]]
 
 
 @dataclass
@@ -81,12 +104,20 @@ class PrepSummary:
     bytes_written: int = 0
     seconds: float = 0.0
     skipped_log: str | None = None
+    part: Part = WHOLE
+    rows_in: int = 0  # input rows of the whole dataset (this part's, for a part)
+    inputs: dict[str, int] = field(default_factory=dict)  # what was read (e.g. documents, empty ones)
 
     def table(self) -> str:
+        scope = "" if self.part.count == 1 else f" (part {self.part})"
         rows = [("output", self.out), ("kind", self.kind),
+                *([("part", f"{self.part} (run vlbert-prep finalize when every part is done)")]
+                  if self.part.count > 1 else []),
+                *[(f"input {name}", f"{count:,}") for name, count in self.inputs.items()],
+                (f"rows in{scope}", f"{self.rows_in:,}"),
                 ("shards", f"{self.shards_total} ({self.shards_written} written, "
                            f"{self.shards_already_done} already done)"),
-                ("samples in dataset", f"{self.samples:,}"),
+                (f"samples in dataset{scope}", f"{self.samples:,}"),
                 ("samples written now", f"{self.samples_written:,}"),
                 ("samples skipped", f"{sum(self.skipped.values()):,}"),
                 *[(f"  {reason}", f"{count:,}") for reason, count in sorted(self.skipped.items())],
@@ -149,9 +180,13 @@ def maker_options(make: Any) -> Any:
 
 
 def job_digest(job: ShardJob, kind: str, options: Any) -> str:
-    payload = json.dumps({"format": FORMAT_VERSION, "kind": kind, "options": options, "first_row": job.first_row,
-                          "rows": canonical(job.rows)}, sort_keys=True, default=repr)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """sha256 of the JSON of what a shard is made from, hashed as it is encoded (never one string of it all)."""
+    payload = {"format": FORMAT_VERSION, "kind": kind, "options": options, "first_row": job.first_row,
+               "rows": canonical(job.rows)}
+    digest = hashlib.sha256()
+    for piece in json.JSONEncoder(sort_keys=True, default=repr).iterencode(payload):
+        digest.update(piece.encode())
+    return digest.hexdigest()
 
 
 def describe_row(row: Any, limit: int = 300) -> Any:
@@ -278,19 +313,28 @@ def remove_files(out: str, names: list[str]) -> None:
 
 
 def plan_resume(out: str, digests: dict[int, str], overwrite: bool, name: Callable[[int], str],
-                stats: Callable[[int], str], pattern: re.Pattern[str] | str = _SHARD_FILE) -> tuple[list[int], int]:
+                stats: Callable[[int], str], pattern: re.Pattern[str] | str = _SHARD_FILE,
+                others: set[int] | frozenset[int] = frozenset()) -> tuple[list[int], int]:
     """Which output files (by index) still to write, and how many are done already, for a resumable run.
 
     Temporary files of a killed run are removed. A finished file (its stats marker exists) is reused
     only when its recorded `input_digest` equals this run's; finished files made from other input, and
-    files beyond this input's count, are refused (ValueError naming them) before anything is written,
-    unless `overwrite` (then they are redone, or removed).
+    files beyond this input's count (`others`: files other parts own), are refused (ValueError naming them)
+    before anything is written, unless `overwrite` (then they are redone, or removed). Temporary files of
+    other parts' files are theirs: they may be being written right now.
     """
     existing, temporary = existing_files(out, pattern)
+    compiled = re.compile(pattern) if isinstance(pattern, str) else pattern
+
+    def owner(name: str) -> int | None:
+        match = compiled.match(_TEMPORARY.sub("", name.rstrip("/").rsplit("/", 1)[-1]))
+        return int(match.group(1)) if match else None
+
+    temporary = [name for name in temporary if (owner(name) in digests) or (owner(name) is None and not others)]
     if temporary:
         log.warning("removing %d temporary files left by an interrupted run in %s", len(temporary), out)
         remove_files(out, temporary)
-    extra = sorted(i for i in existing if i not in digests)
+    extra = sorted(i for i in existing if i not in digests and i not in others)
     todo, changed, done = [], [], 0
     for index, digest in digests.items():
         recorded = storage.read_json(storage.join(out, stats(index))) if index in existing else None
@@ -309,7 +353,8 @@ def plan_resume(out: str, digests: dict[int, str], overwrite: bool, name: Callab
             parts.append(f"{len(changed)} finished file(s) were made from other input rows or options than this "
                          f"run's ({names(changed)})")
         if extra:
-            parts.append(f"{len(extra)} file(s) beyond this input's {len(digests)} are left from an earlier run "
+            parts.append(f"{len(extra)} file(s) beyond this input's {len(digests) + len(others)} are left from an "
+                         "earlier run "
                          f"({names(extra)})")
         raise ValueError(f"{out}: " + "; ".join(parts) + ". Mixing them would duplicate or lose rows: re-run with "
                          "--overwrite to redo the folder from this input, or write to a new --out")
@@ -318,18 +363,36 @@ def plan_resume(out: str, digests: dict[int, str], overwrite: bool, name: Callab
     return todo, done
 
 
-def write_dataset(out: str, jobs: list[ShardJob], make: Callable[[Any, int, int], Iterable[dict[str, Any]]],
-                  kind: str, processes: int = 1, overwrite: bool = False,
-                  skipped_log: str | None = None) -> PrepSummary:
-    """Write every shard not already done, in `processes` processes, then `sizes.json`."""
+def write_dataset(out: str, jobs: JobSource, make: Callable[[Any, int, int], Iterable[dict[str, Any]]],
+                  kind: str, processes: int = 1, overwrite: bool = False, skipped_log: str | None = None,
+                  part: Part = WHOLE, provenance: dict[str, Any] | None = None,
+                  inputs: dict[str, int] | None = None) -> PrepSummary:
+    """Write every shard of `part` not already done, in `processes` processes; a whole run then finalizes
+    (`sizes.json`, the summary), a part marks itself done (`parts`).
+
+    The jobs are gone through twice: to plan (every shard's digest, also the shards of other parts), and
+    to write this part's shards, at most `processes` + 1 jobs in memory at a time. `inputs`: counts of
+    what was read, for the summary (a job source may carry them as its `inputs`)."""
     start = time.time()
     storage.makedirs(out)
-    summary = PrepSummary(kind=kind, out=out, shards_total=len(jobs), skipped_log=skipped_log)
+    source = jobs if callable(jobs) else (lambda: iter(jobs))
     options = maker_options(make)
-    digests = {job.index: job_digest(job, kind, options) for job in jobs}
-    indices, summary.shards_already_done = plan_resume(out, digests, overwrite, shard_name, stats_name)
-    todo = [job for job in jobs if job.index in set(indices)]
-    progress = tqdm(total=sum(len(j.rows) for j in todo), unit="row", desc=f"vlbert-prep {kind}", leave=False,
+    planned: dict[int, tuple[int, str, int]] = {}
+    for job in source():
+        planned[job.index] = (job.part_group, job_digest(job, kind, options), len(job.rows))
+    plan = build_plan("shards", kind, options, planned, part.count, provenance)
+    plan["inputs"] = dict(getattr(source, "inputs", None) or inputs or {})
+    own = {index: digest for index, (group, digest, _) in planned.items() if part.owns(group)}
+    check_against_other_parts(out, part, plan, overwrite)
+    indices, already_done = plan_resume(out, own, overwrite, shard_name, stats_name,
+                                        others=set(planned) - set(own))
+    record_plan(out, part, plan)
+    todo = set(indices)
+    if todo:
+        unmark_done(out, part)
+    summary = PrepSummary(kind=kind, out=out, shards_total=len(own), shards_already_done=already_done,
+                          skipped_log=skipped_log, part=part, inputs=plan["inputs"])
+    progress = tqdm(total=sum(planned[i][2] for i in todo), unit="row", desc=f"vlbert-prep {kind}", leave=False,
                     disable=None)
 
     def account(stats: dict[str, Any]) -> None:
@@ -337,34 +400,64 @@ def write_dataset(out: str, jobs: list[ShardJob], make: Callable[[Any, int, int]
         summary.bytes_written += stats["bytes"]
         summary.samples_written += stats["successes"]
 
+    to_write = (job for job in source() if job.index in todo)
     if processes <= 1 or len(todo) <= 1:
-        for job in todo:
-            account(write_shard(out, job, make, kind, digests[job.index], on_row=lambda: progress.update(1)))
+        for job in to_write:
+            account(write_shard(out, job, make, kind, own[job.index], on_row=lambda: progress.update(1)))
     else:
         counter = multiprocessing.get_context().Value("q", 0)
-        with ProcessPoolExecutor(max_workers=min(processes, len(todo)), initializer=_init_pool_worker,
-                                 initargs=(counter,)) as pool:
-            pending = {pool.submit(_write_shard_entry, (out, job, make, kind, digests[job.index])) for job in todo}
-            while pending:
-                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                for future in done:
-                    account(future.result())
-                progress.update(counter.value - progress.n)
+        workers = min(processes, len(todo))
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_pool_worker, initargs=(counter,)) as pool:
+            pending: set = set()
+
+            def drain(limit: int) -> None:
+                nonlocal pending
+                while len(pending) > limit:
+                    done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        account(future.result())
+                    progress.update(counter.value - progress.n)
+
+            for job in to_write:
+                drain(workers - 1)  # a job per worker in flight: memory is bounded by the pool, not the input
+                pending.add(pool.submit(_write_shard_entry, (out, job, make, kind, own[job.index])))
+            drain(0)
     progress.close()
 
-    sizes = {}
-    skipped_rows: list[dict[str, Any]] = []
-    for job in jobs:
-        stats = storage.read_json(storage.join(out, stats_name(job.index)))
-        if stats is None:
-            continue
-        sizes[stats["shard"]] = stats["successes"]
+    own_stats = [storage.read_json(storage.join(out, stats_name(index))) for index in sorted(own)]
+    finished_before = not todo and is_done(out, part)  # a re-run with nothing to do changes no file
+    if not finished_before:
+        mark_done(out, part, sorted(own), {"rows": sum(s["rows"] for s in own_stats if s),
+                                           "successes": sum(s["successes"] for s in own_stats if s)})
+    if part.count == 1 and not (finished_before and storage.exists(storage.join(out, storage.SIZES_NAME))):
+        finalize_shards(out)
+    if skipped_log:
+        write_skipped_log(skipped_log, [s for s in own_stats if s])
+    for stats in own_stats:
+        summary.rows_in += stats["rows"]
         summary.samples += stats["successes"]
         summary.skipped.update(stats["skipped"])
-        skipped_rows += stats.get("skipped_rows", [])
-    storage.write_json_atomic(storage.join(out, storage.SIZES_NAME), sizes)
-    if skipped_log:
-        lines = "".join(json.dumps(row, default=str) + "\n" for row in sorted(skipped_rows, key=lambda r: r["row"]))
-        storage.write_atomic(skipped_log, lambda handle: handle.write(lines.encode()))
     summary.seconds = time.time() - start
+    return summary
+
+
+def write_skipped_log(url: str, stats: Iterable[dict[str, Any]]) -> None:
+    rows = sorted((row for s in stats for row in s.get("skipped_rows", [])), key=lambda r: r["row"])
+    lines = "".join(json.dumps(row, default=str) + "\n" for row in rows)
+    storage.write_atomic(url, lambda handle: handle.write(lines.encode()))
+
+
+def finalize_shards(out: str, skipped_log: str | None = None) -> dict[str, Any]:
+    """Check a folder of shards whose parts are all done; write `sizes.json` and `prep-summary.json`."""
+    def outside_plan(planned: set[int]) -> list[str]:
+        existing, _ = existing_files(out)
+        return sorted(name for index, names in existing.items() if index not in planned for name in names)
+
+    finished = check_complete(out, stats_name, shard_name, outside_plan)
+    sizes = {stats["shard"]: stats["successes"] for _, stats in sorted(finished.stats.items())}
+    if skipped_log:
+        write_skipped_log(skipped_log, finished.stats.values())
+    summary = {**finished.summary, "shards": len(sizes), "inputs": finished.plan.get("inputs", {})}
+    storage.write_json_atomic(storage.join(out, SUMMARY_NAME), summary)
+    storage.write_json_atomic(storage.join(out, storage.SIZES_NAME), sizes)  # last: it marks the folder readable
     return summary
