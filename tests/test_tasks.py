@@ -187,6 +187,20 @@ def test_vqa_converter_builds_the_vocabulary_and_soft_scores(tmp_path):
     mask_id = 103
     assert int(task.batch.input_ids[row, task.answer_positions[row]]) == mask_id
 
+    # The converter in two parts (one shard of a question each), then finalized: the one-part folder.
+    parted = tmp_path / "vqa_parts"
+    for part in ("1/2", "0/2"):
+        assert main(["vqa", "--out", str(parted), "--questions", str(tmp_path / "q.json"), "--annotations",
+                     str(tmp_path / "a.json"), "--regions", str(tmp_path / "regions"), "--samples-per-shard", "2",
+                     "--processes", "1", "--part", part]) == 0
+    assert main(["finalize", str(parted)]) == 0
+    whole = tmp_path / "vqa_whole"
+    assert main(["vqa", "--out", str(whole), "--questions", str(tmp_path / "q.json"), "--annotations",
+                 str(tmp_path / "a.json"), "--regions", str(tmp_path / "regions"), "--samples-per-shard", "2",
+                 "--processes", "1"]) == 0
+    for name in ("shard-000000.tar", "shard-000001.tar", "sizes.json"):
+        assert (parted / name).read_bytes() == (whole / name).read_bytes(), name
+
 
 def _vcr_item(annot_id, answers=4):
     return {"annot_id": annot_id, "img_fn": "movie/img.jpg", "metadata_fn": "movie/img.json",
