@@ -36,11 +36,11 @@ _SHARD = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)?$")
 Layout = Literal["webdataset", "files"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Img2DatasetRow:
     """One row img2dataset was given. `shard` is its shard's URL without suffix (`.../00012`);
     `shard_bytes` the size of that shard's tar (0 in the files layout), so that a shard downloaded again
-    is not taken for the one already prepared."""
+    is not taken for the one already prepared. Slots: planning holds every row (~200 bytes each)."""
 
     key: str
     shard: str
