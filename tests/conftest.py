@@ -154,3 +154,20 @@ def small_disk(tmp_path):
     yield mount
     for folder in mounted:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+SMALL_TORCHVISION_DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"  # the smallest torchvision Faster R-CNN
+
+
+@pytest.fixture(scope="session")
+def torchvision_detector_weights(tmp_path_factory) -> Path:
+    """A state dict of torchvision's smallest Faster R-CNN (91 COCO classes), random init, written here:
+    nothing is downloaded. `--detector torchvision:fasterrcnn_mobilenet_v3_large_320_fpn:PATH`."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = getattr(torchvision.models.detection, SMALL_TORCHVISION_DETECTOR)(weights=None, weights_backbone=None,
+                                                                           num_classes=91)
+    path = tmp_path_factory.mktemp("weights") / "frcnn.pth"
+    torch.save(net.state_dict(), path)
+    return path

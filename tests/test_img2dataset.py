@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
+from conftest import SMALL_TORCHVISION_DETECTOR
 from PIL import Image
 from ranks import TINY
 
@@ -30,7 +30,7 @@ from vlbert_ds.prep.cli import main as prep_main
 REPO = Path(__file__).resolve().parents[1]
 IMG2DATASET = REPO / ".venv-img2dataset" / "bin" / "img2dataset"
 PREP = [sys.executable, "-m", "vlbert_ds.prep.cli"]
-ARCH = "fasterrcnn_mobilenet_v3_large_320_fpn"  # the smallest torchvision Faster R-CNN: quick on CPU
+ARCH = SMALL_TORCHVISION_DETECTOR  # quick on CPU
 PHOTOS = ("astronaut", "brick", "camera", "cell", "checkerboard", "chelsea", "clock", "coffee", "coins",
           "colorwheel", "grass", "gravel", "immunohistochemistry", "microaneurysms", "moon", "page", "retina",
           "rocket", "text", "logo")
@@ -100,14 +100,8 @@ def downloads(site, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def detector_weights(tmp_path_factory):
-    import torchvision
-
-    torch.manual_seed(0)
-    net = getattr(torchvision.models.detection, ARCH)(weights=None, weights_backbone=None, num_classes=91)
-    path = tmp_path_factory.mktemp("weights") / "frcnn.pth"
-    torch.save(net.state_dict(), path)
-    return path
+def detector_weights(torchvision_detector_weights):
+    return torchvision_detector_weights
 
 
 def _img2dataset_rows(folder: Path) -> list[dict]:

@@ -11,24 +11,19 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_TORCHVISION_DETECTOR
 from PIL import Image
 
 from vlbert_ds.model.detector import select_regions
 from vlbert_ds.prep.cli import main as prep_main
 
-ARCH = "fasterrcnn_mobilenet_v3_large_320_fpn"  # the smallest torchvision Faster R-CNN: quick on CPU
+ARCH = SMALL_TORCHVISION_DETECTOR  # quick on CPU
 SIZES = ["--min-size", "240", "--max-size", "400"]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    import torchvision
-
-    torch.manual_seed(0)
-    net = getattr(torchvision.models.detection, ARCH)(weights=None, weights_backbone=None, num_classes=91)
-    path = tmp_path_factory.mktemp("weights") / "frcnn.pth"
-    torch.save(net.state_dict(), path)
-    return path
+def weights(torchvision_detector_weights):
+    return torchvision_detector_weights
 
 
 @pytest.fixture()

@@ -143,23 +143,22 @@ def mark_done(out: str, part: Part, files: list[int], counts: dict[str, Any]) ->
                                                      **counts})
 
 
-def remove_markers(out: str, part: Part) -> None:
+def _remove(*urls: str) -> None:
     import fsspec
 
-    for url in (plan_path(out, part), done_path(out, part)):
+    for url in urls:
         fs, path = fsspec.core.url_to_fs(url)
         if fs.exists(path):
             fs.rm(path)
+
+
+def remove_markers(out: str, part: Part) -> None:
+    _remove(plan_path(out, part), done_path(out, part))
 
 
 def unmark_done(out: str, part: Part) -> None:
     """This part has work to do again: its completion marker, and the folder's finalization, no longer hold."""
-    import fsspec
-
-    for url in (done_path(out, part), storage.join(out, storage.SIZES_NAME), storage.join(out, SUMMARY_NAME)):
-        fs, path = fsspec.core.url_to_fs(url)
-        if fs.exists(path):
-            fs.rm(path)
+    _remove(done_path(out, part), storage.join(out, storage.SIZES_NAME), storage.join(out, SUMMARY_NAME))
 
 
 @dataclass
