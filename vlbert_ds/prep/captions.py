@@ -144,11 +144,11 @@ def resolve_image(reference: str, image_root: str, allow_local: bool = False) ->
 def image_bytes_and_caption(row: CaptionRow | Img2DatasetRow, image_root: str, allow_local: bool,
                             files: Img2DatasetFiles, caption_field: str | None = None,
                             need_image: bool = True) -> tuple[bytes | None, str, str | None]:
-    """(the image's bytes or None when not needed, the caption, the region key) of a manifest or
-    img2dataset row; SampleError for a row that cannot give them."""
-    if isinstance(row, Img2DatasetRow):
+    """(the image's bytes, the caption, the region key) of a manifest or img2dataset row; a manifest row's
+    bytes are None unless `need_image`. SampleError for a row that cannot give them."""
+    if isinstance(row, Img2DatasetRow):  # the bytes come with the caption, out of the same tar
         data, caption = files.read(row, caption_field)
-        return (data if need_image else None), caption, row.key
+        return data, caption, row.key
     if row.malformed:
         raise SampleError("malformed_row", row.malformed)
     key = row.image_id if row.image_id is not None else row.image  # as `vlbert-prep regions` keys them
@@ -215,8 +215,9 @@ class CaptionSampleMaker(LazyTools):
         features = scores = None
         jpeg = None
         if self.with_images:
-            data, _, _ = image_bytes_and_caption(row, self.image_root, self.allow_local_urls, self.files,
-                                                 self.caption_field)
+            if data is None:  # a manifest row: its image is read only now, after the cheaper checks
+                data, _, _ = image_bytes_and_caption(row, self.image_root, self.allow_local_urls, self.files,
+                                                     self.caption_field)
             image = open_image(data)
             width0, height0 = image.size
             jpeg, width, height, scale = resize_and_encode(image, self.short_side, self.max_long_side, self.quality)
